@@ -1,0 +1,43 @@
+"""MVTec AD layout, shared by MPDD, WFDD, MAD-man, MAD-sys and CAD-SD (or any folder laid out alike)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import GOOD, CategoryData, DatasetError, Sample, image_size, list_images, require_dir
+
+MVTEC_AD_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                       "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+MPDD_CATEGORIES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
+WFDD_CATEGORIES = ("grey_cloth", "grid_cloth", "yellow_cloth", "pink_flower")
+MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+
+
+def _find_mask(gt_dir: Path, stem: str) -> Path:
+    for cand in (gt_dir / f"{stem}_mask.png", gt_dir / f"{stem}.png"):
+        if cand.is_file():
+            return cand
+    raise DatasetError(f"no ground-truth mask for test image '{stem}' in {gt_dir} (expected {stem}_mask.png)")
+
+
+def read_mvtec_ad(root: Path, category: str, dataset: str = "mvtec_ad", require_train: bool = True,
+                  check_sizes: bool = True) -> CategoryData:
+    cat_dir = require_dir(Path(root) / category, f"category folder '{category}'")
+    train_dir = cat_dir / "train" / GOOD
+    if require_train:
+        require_dir(train_dir, "split train/good")
+    train = [Sample(str(p), "train") for p in list_images(train_dir)] if train_dir.is_dir() else []
+    test_root = require_dir(cat_dir / "test", "split test")
+    test: list[Sample] = []
+    for defect_dir in sorted(d for d in test_root.iterdir() if d.is_dir()):
+        defect = defect_dir.name
+        for p in list_images(defect_dir):
+            masks: tuple[str, ...] = ()
+            if defect != GOOD:
+                m = _find_mask(cat_dir / "ground_truth" / defect, p.stem)
+                if check_sizes and image_size(m) != image_size(p):
+                    raise DatasetError(f"mask {m} is {image_size(m)} but image {p} is {image_size(p)}; masks must have the image's size")
+                masks = (str(m),)
+            test.append(Sample(str(p), "test", defect, masks))
+    val_dir = cat_dir / "validation" / GOOD
+    validation = [Sample(str(p), "validation") for p in list_images(val_dir)] if val_dir.is_dir() else []
+    return CategoryData(dataset, category, cat_dir, train, validation, test)

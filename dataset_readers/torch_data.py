@@ -1,0 +1,42 @@
+"""torch Dataset over reader samples, with the ImageNet preprocessing the methods share."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torchvision import transforms as T
+
+from .base import Sample, load_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_transform(resize: int | tuple[int, int], crop: int | None = None) -> Callable:
+    """Resize (int: shorter side, tuple: exact HxW), optional centre crop, ToTensor, ImageNet normalisation."""
+    steps: list = [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
+    if crop is not None:
+        steps.append(T.CenterCrop(crop))
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Returns (image tensor, index) so callers keep the reader's order."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_image(self.samples[i].path)), i
+
+
+def make_loader(samples: Sequence[Sample], transform: Callable, batch_size: int = 8, workers: int = 0,
+                shuffle: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size, shuffle=shuffle,
+                                       num_workers=workers, generator=g, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,1 @@
+"""Evaluation: the score-file contract, the metrics, and score fusion."""

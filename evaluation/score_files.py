@@ -1,0 +1,130 @@
+"""The score-file contract between the methods and benchmark_performance.py.
+
+Image scores: {score_dir}/{category}_{method}_{group}_score.npy, group in logi | struc | val (MVTec LOCO) or
+test | val (MVTec AD-style), with {same stem}.json beside it listing the images in the same order.
+Anomaly maps: {score_dir}/anomaly_maps/{method}/{category}/test/{defect_type}/{stem}.tiff (float32, at the
+original image size), the layout MVTec's official LOCO evaluation reads.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from common.io import atomic_path, atomic_save_npy, atomic_write_json
+from dataset_readers.base import CategoryData, Sample
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SCORE_DIR = REPO_ROOT / "anomaly_score"
+
+
+class ScoreFileError(RuntimeError):
+    pass
+
+
+def _safe(category: str) -> str:
+    return category.replace("/", "__")  # MAD categories are "Person_1/bottle"
+
+
+def score_path(category: str, method: str, group: str, score_dir: str | Path = DEFAULT_SCORE_DIR) -> Path:
+    return Path(score_dir) / f"{_safe(category)}_{method}_{group}_score.npy"
+
+
+def sample_key(sample: Sample) -> str:
+    """Order key independent of where the dataset lives: split/defect_type/file name."""
+    return f"{sample.split}/{sample.defect_type}/{Path(sample.path).name}"
+
+
+def save_scores(category: str, method: str, group: str, scores, samples: Sequence[Sample],
+                score_dir: str | Path = DEFAULT_SCORE_DIR) -> Path:
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    path = score_path(category, method, group, score_dir)
+    if len(scores) != len(samples):
+        raise ScoreFileError(f"{method}/{category}/{group}: {len(scores)} scores for {len(samples)} images")
+    if not np.isfinite(scores).all():
+        bad = [samples[i].path for i in np.flatnonzero(~np.isfinite(scores))[:3]]
+        raise ScoreFileError(f"{method}/{category}/{group}: non-finite scores (first: {bad}); the model diverged, "
+                             "check the learning rate or the checkpoint")
+    atomic_save_npy(path, scores)
+    atomic_write_json(path.with_suffix(".json"), {
+        "category": category, "method": method, "group": group,
+        "images": [sample_key(s) for s in samples], "labels": [s.label for s in samples],
+        "defect_types": [s.defect_type for s in samples]})
+    return path
+
+
+def save_group_scores(data: CategoryData, method: str, scores_by_group: Mapping[str, np.ndarray],
+                      score_dir: str | Path = DEFAULT_SCORE_DIR) -> list[Path]:
+    groups = data.score_groups()
+    unknown = set(scores_by_group) - set(groups)
+    if unknown:
+        raise ScoreFileError(f"{method}/{data.category}: unknown score groups {sorted(unknown)}; expected {sorted(groups)}")
+    return [save_scores(data.category, method, g, s, groups[g], score_dir) for g, s in scores_by_group.items()]
+
+
+def scores_for_samples(test_scores: np.ndarray, test_samples: Sequence[Sample], data: CategoryData) -> dict[str, np.ndarray]:
+    """Split one score per test image into the score groups (logi/struc or test), by sample identity."""
+    pos = {s.path: i for i, s in enumerate(test_samples)}
+    out = {}
+    for g, samples in data.score_groups().items():
+        if g == "val":
+            continue
+        out[g] = np.asarray([test_scores[pos[s.path]] for s in samples])
+    return out
+
+
+def load_scores(category: str, method: str, group: str, samples: Sequence[Sample] | None = None,
+                score_dir: str | Path = DEFAULT_SCORE_DIR) -> np.ndarray:
+    """Load a score file; with `samples`, refuse it unless its index lists exactly those images in that order."""
+    path = score_path(category, method, group, score_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"score file not found: {path} (run the {method} script for {category} first)")
+    scores = np.load(path)
+    index_path = path.with_suffix(".json")
+    if samples is not None:
+        if not index_path.is_file():
+            raise ScoreFileError(f"{path} has no index {index_path.name}; re-run {method} to write both")
+        index = json.loads(index_path.read_text())
+        expected = [sample_key(s) for s in samples]
+        if len(scores) != len(expected) or index["images"] != expected:
+            raise ScoreFileError(f"{path}: {len(scores)} scores whose order does not match the dataset's "
+                                 f"{len(expected)} images; re-run {method} on this dataset")
+    if not np.isfinite(scores).all():
+        raise ScoreFileError(f"{path} holds NaN or inf scores; re-run {method}")
+    return scores
+
+
+def anomaly_map_path(method: str, category: str, sample: Sample, score_dir: str | Path = DEFAULT_SCORE_DIR) -> Path:
+    return Path(score_dir) / "anomaly_maps" / method / category / "test" / sample.defect_type / f"{sample.stem}.tiff"
+
+
+def save_anomaly_maps(method: str, category: str, samples: Sequence[Sample], maps,
+                      score_dir: str | Path = DEFAULT_SCORE_DIR, original_size: bool = True) -> None:
+    """Write one float32 TIFF per test sample; maps (N, h, w) are bilinearly resized to each image's size."""
+    import tifffile
+    import torch
+    import torch.nn.functional as F
+
+    from dataset_readers.base import image_size
+
+    maps = torch.as_tensor(np.asarray(maps), dtype=torch.float32)
+    if maps.ndim != 3 or len(maps) != len(samples):
+        raise ScoreFileError(f"{method}/{category}: expected maps of shape (N={len(samples)}, h, w), got {tuple(maps.shape)}")
+    for sample, m in zip(samples, maps):
+        if original_size:
+            w, h = image_size(sample.path)
+            if m.shape != (h, w):
+                m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        with atomic_path(anomaly_map_path(method, category, sample, score_dir), suffix=".tiff") as tmp:
+            tifffile.imwrite(tmp, m.numpy().astype(np.float32))
+
+
+def load_anomaly_map(method: str, category: str, sample: Sample, score_dir: str | Path = DEFAULT_SCORE_DIR) -> np.ndarray:
+    import tifffile
+
+    path = anomaly_map_path(method, category, sample, score_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"anomaly map not found: {path} (re-run {method} with map output)")
+    return tifffile.imread(path).astype(np.float32)

