@@ -1,0 +1,89 @@
+"""CSAD stage 2: train the component segmentor on the stage-1 pseudo-labels and write the Patch-Histogram scores.
+
+Writes, per category: {ckpt}/segmentor_{category}_{resolution}.pth, {masks}/{category}/test_seg_output/*.png,
+{scores}/{category}_patchhist_{logi,struc,val}_score.npy (+ .json index) and {scores}/{category}_patchhist_params.npz.
+
+    python train_segmentor.py                                    # MVTec LOCO, every category, official settings
+    python train_segmentor.py --dataset synthetic_loco --labels component-maps --fast --backbone efficientnet_lite0
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import get_logger, pick_device, seed_everything, set_threads
+from common.cli import REPO_ROOT, add_common_args, resolve_categories
+
+DATASET = "mvtec_loco"
+CATEGORIES = None  # None: every category of the dataset
+BACKBONE = "wide_resnet50_2"
+SEED = 42  # the official seed
+MASKS_ROOT = REPO_ROOT / "datasets" / "masks"
+GOOD_FRACTION = 0.5  # component-maps labels: supervised share (stage 1 keeps the 50 % most typical images)
+
+log = get_logger("train_segmentor")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
+    p.add_argument("--labels", choices=["pseudo", "component-maps"], default="pseudo",
+                   help="pseudo: stage-1 output in --masks-root; component-maps: first convert the synthetic "
+                        "generator's true component maps into that layout")
+    p.add_argument("--masks-root", default=str(MASKS_ROOT), help="pseudo-label layout root (default datasets/masks)")
+    p.add_argument("--good-fraction", type=float, default=GOOD_FRACTION,
+                   help="component-maps only: share of training images used as the supervised set")
+    p.add_argument("--ce-on-logits", action="store_true",
+                   help="standard CE on logits instead of the official CE on softmax outputs")
+    p.add_argument("--official-hole-fill", action="store_true",
+                   help="official hole-fill re-merge that may permute or shift class ids")
+    p.add_argument("--official-lsa", action="store_true",
+                   help="official LSA: one location for all attempts, mandatory paste even when none was accepted")
+    p.add_argument("--epochs", type=int, default=None, help="override the epoch count (default 120, --fast 12)")
+    p.add_argument("--resolution", type=int, default=None, help="override the resolution (default 256, --fast 128)")
+    return p.parse_args(argv)
+
+
+def prepare_component_maps(args, category: str) -> None:
+    """Write the true component maps as labels; refuse to replace labels that came from elsewhere."""
+    from methods.csad import label_layout as layout
+
+    out = layout.masks_dir(category, args.masks_root)
+    info = out / layout.INFO / "info.txt"
+    ours = info.is_file() and info.read_text().startswith("source: true component maps")
+    if out.exists() and any(out.iterdir()) and not ours:
+        raise SystemExit(f"{out} holds other pseudo-labels; pass another --masks-root for --labels component-maps")
+    layout.write_from_component_maps(args.data_root or REPO_ROOT / "datasets" / args.dataset, category,
+                                     args.masks_root, good_fraction=args.good_fraction, overwrite=ours)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    set_threads()
+    from dataset_readers import read_category
+    from methods.csad.segmentor import make_config, run_category
+    from models.backbones import load_backbone
+
+    device = pick_device(args.device)
+    backbone = load_backbone(args.backbone, args.weights).to(device)
+    results = []
+    for category in resolve_categories(args):
+        seed_everything(args.seed)
+        data = read_category(args.dataset, category, args.data_root)
+        if args.labels == "component-maps":
+            prepare_component_maps(args, category)
+        cfg = make_config(category, args.fast, epochs=args.epochs, resolution=args.resolution,
+                          ce_on_logits=args.ce_on_logits, official_hole_fill=args.official_hole_fill,
+                          official_lsa=args.official_lsa)
+        log.info("%s: training the segmentor on %s (%s labels in %s)", category, device, args.labels,
+                 Path(args.masks_root) / category)
+        results.append(run_category(data, backbone, args.backbone, device, cfg, args.masks_root, args.ckpt_dir,
+                                    args.score_dir, seed=args.seed))
+    for r in results:
+        log.info("%s: K+1=%d, %d sup / %d unsup, %.2f s/epoch, inference %.1f img/s, final loss %.4f", r["category"],
+                 r["num_classes"], r["sup"], r["unsup"], r["epoch_s"], r["infer_img_s"], r["final_loss"])
+    return results
+
+
+if __name__ == "__main__":
+    main()
