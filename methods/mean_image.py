@@ -1,0 +1,84 @@
+"""Sanity baseline: per-pixel distance to the mean training image.
+
+The anomaly map is the Euclidean distance (over RGB, ImageNet-normalised) between a test image and the mean of the
+training images, both resized to a small fixed resolution; the image score is the map's max (or mean). It needs no
+weights and no training, so it checks the whole chain dataset -> score files -> TIFF maps -> benchmark.
+
+    python -m methods.mean_image --dataset synthetic_loco --data-root D --score-dir S [--fast] [--image-score mean]
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import get_logger, pick_device, seed_everything, set_threads
+from common.cli import add_common_args, resolve_categories
+from dataset_readers import CategoryData, read_category
+from dataset_readers.torch_data import imagenet_transform, make_loader
+from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
+
+METHOD = "mean_image"
+DATASET = "synthetic_loco"
+CATEGORIES = None  # all categories of the dataset
+RESOLUTION = 64
+FAST_RESOLUTION = 32
+BATCH_SIZE = 16
+LOG = get_logger(METHOD)
+
+
+def load_images(samples, resolution: int, device: torch.device, desc: str) -> torch.Tensor:
+    loader = make_loader(samples, imagenet_transform((resolution, resolution)), batch_size=BATCH_SIZE)
+    batches = [x for x, _ in tqdm(loader, desc=desc, leave=False, disable=None)]
+    return torch.cat(batches).to(device)
+
+
+def distance_maps(images: torch.Tensor, mean_image: torch.Tensor) -> torch.Tensor:
+    """(N, 3, h, w), (3, h, w) -> (N, h, w) per-pixel L2 distance."""
+    return (images - mean_image).pow(2).sum(1).sqrt()
+
+
+def image_scores(maps: torch.Tensor, reduce: str = "max") -> torch.Tensor:
+    flat = maps.flatten(1)
+    return flat.amax(1) if reduce == "max" else flat.mean(1)
+
+
+def run_category(data: CategoryData, resolution: int, device: torch.device, score_dir: str, reduce: str = "max",
+                 write_maps: bool = True) -> dict[str, np.ndarray]:
+    mean_image = load_images(data.train, resolution, device, f"{data.category} train").mean(0)
+    test_maps = distance_maps(load_images(data.test, resolution, device, f"{data.category} test"), mean_image)
+    test = image_scores(test_maps, reduce).cpu().numpy()
+    groups = scores_for_samples(test, data.test, data)
+    if data.validation:
+        val_maps = distance_maps(load_images(data.validation, resolution, device, f"{data.category} val"), mean_image)
+        groups["val"] = image_scores(val_maps, reduce).cpu().numpy()
+    paths = save_group_scores(data, METHOD, groups, score_dir)
+    LOG.info("%s: wrote %s", data.category, ", ".join(str(p) for p in paths))
+    if write_maps:
+        save_anomaly_maps(METHOD, data.category, data.test, test_maps.cpu().numpy(), score_dir)
+        LOG.info("%s: wrote %d anomaly maps under %s/anomaly_maps/%s/%s", data.category, len(data.test), score_dir,
+                 METHOD, data.category)
+    return groups
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, DATASET, CATEGORIES)
+    p.add_argument("--resolution", type=int, default=None, help=f"side length (default {RESOLUTION}, --fast {FAST_RESOLUTION})")
+    p.add_argument("--image-score", choices=("max", "mean"), default="max", help="reduction of the map to one score")
+    p.add_argument("--no-maps", action="store_true", help="skip the TIFF anomaly maps (disk cost at full resolution)")
+    args = p.parse_args(argv)
+    seed_everything(args.seed)
+    set_threads()
+    device = pick_device(args.device)
+    resolution = args.resolution or (FAST_RESOLUTION if args.fast else RESOLUTION)
+    LOG.info("mean-image baseline on %s at %d px, image score = map %s", args.dataset, resolution, args.image_score)
+    for category in resolve_categories(args):
+        data = read_category(args.dataset, category, args.data_root)
+        run_category(data, resolution, device, args.score_dir, args.image_score, not args.no_maps)
+
+
+if __name__ == "__main__":
+    main()
