@@ -1,0 +1,184 @@
+"""GLASS Local Anomaly Synthesis: Perlin masks, DTD texture augmentation, foreground masks, the training dataset."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+from dataset_readers.base import DatasetError, Sample, load_image
+from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DTD = Path(os.environ.get("AD_SHARED_DIR", REPO_ROOT.parent / "shared")) / "data" / "dtd_small" / "images"
+LOCAL_DTD = REPO_ROOT / "datasets" / "dtd" / "images"
+MAX_MASK_TRIES = 1000
+
+
+def default_dtd_root() -> Path:
+    return SHARED_DTD if SHARED_DTD.is_dir() else LOCAL_DTD
+
+
+def list_textures(root: str | os.PathLike | None) -> list[Path]:
+    """DTD layout <root>/<class>/*.jpg, sorted; a missing or empty folder is a one-line error."""
+    root = Path(root) if root is not None else default_dtd_root()
+    files = sorted(root.glob("*/*.jpg")) if root.is_dir() else []
+    if not files:
+        raise DatasetError(f"no DTD textures found under {root} (expected <root>/<class>/*.jpg); download DTD from "
+                           "https://www.robots.ox.ac.uk/~vgg/data/dtd/ into datasets/dtd, or pass --dtd-root")
+    return files
+
+
+# ---------------------------------------------------------------- Perlin noise
+def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """2-D gradient noise on a res[0] x res[1] lattice, vectorised over pixels; values roughly in [-1, 1].
+
+    Fade 6t^5-15t^4+10t^3, unit gradients at uniform random angles, result scaled by sqrt(2).
+    """
+    h, w = shape
+    angles = rng.uniform(0, 2 * math.pi, size=(res[0] + 1, res[1] + 1))
+    grads = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    y = np.arange(h) * (res[0] / h)
+    x = np.arange(w) * (res[1] / w)
+    iy, ix = np.floor(y).astype(int), np.floor(x).astype(int)
+    fy, fx = (y - iy)[:, None], (x - ix)[None, :]
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        g = grads[(iy + dy)[:, None], (ix + dx)[None, :]]  # (h, w, 2)
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    def fade(t):
+        return t * t * t * (t * (t * 6 - 15) + 10)
+
+    uy, ux = fade(fy), fade(fx)
+    top = corner(0, 0) * (1 - ux) + corner(0, 1) * ux
+    bottom = corner(1, 0) * (1 - ux) + corner(1, 1) * ux
+    return math.sqrt(2) * (top * (1 - uy) + bottom * uy)
+
+
+def _rotate(img: np.ndarray, degrees: float) -> np.ndarray:
+    h, w = img.shape
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), degrees, 1.0)
+    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def perlin_binary(shape: tuple[int, int], rng: np.random.Generator, min_scale: int = 0, max_scale: int = 6) -> np.ndarray:
+    """One thresholded Perlin map: lattice 2^a x 2^b (a, b uniform in [min, max)), rotated +-90 deg, > 0.5."""
+    a, b = rng.integers(min_scale, max_scale, size=2)
+    noise = perlin_noise(shape, (2 ** int(a), 2 ** int(b)), rng).astype(np.float32)
+    noise = _rotate(noise, rng.uniform(-90, 90))
+    return (noise > 0.5).astype(np.float32)
+
+
+def perlin_mask(shape: tuple[int, int], downsampling: int, rng: np.random.Generator,
+                fg_mask: np.ndarray | None = None, min_scale: int = 0, max_scale: int = 6,
+                fg_hint: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(mask_l (H, W), mask_s (H/ds, W/ds)), both in {0, 1}; redrawn until mask_s has a positive cell.
+
+    The mask is one Perlin map, or the union or intersection of two (probability 1/3 each), times the foreground.
+    mask_s is the max-pool with kernel = stride = downsampling: a patch is anomalous if any of its pixels is.
+    """
+    fg = np.ones(shape, np.float32) if fg_mask is None else fg_mask.astype(np.float32)
+    for _ in range(MAX_MASK_TRIES):
+        m1, m2 = perlin_binary(shape, rng, min_scale, max_scale), perlin_binary(shape, rng, min_scale, max_scale)
+        u = rng.random()
+        mask = np.maximum(m1, m2) if u > 2 / 3 else (m1 * m2 if u > 1 / 3 else m1)
+        mask = mask * fg
+        small = F.max_pool2d(torch.from_numpy(mask)[None, None], downsampling)[0, 0].numpy()
+        if small.max() > 0:
+            return mask, small
+    raise DatasetError(f"no Perlin mask overlaps the foreground after {MAX_MASK_TRIES} tries"
+                       f"{' (' + fg_hint + ')' if fg_hint else ''}; the foreground mask is (nearly) empty: fix it "
+                       "or run with --fg 0")
+
+
+# ---------------------------------------------------------------- textures and foreground
+def texture_transform(resize: int | tuple[int, int], crop: int, rand_aug: bool, rng: np.random.Generator) -> T.Compose:
+    """Resize, then (rand_aug) 3 distinct ops of the 9, then centre crop and ImageNet normalisation."""
+    ops = [T.ColorJitter(contrast=(0.8, 1.2)), T.ColorJitter(brightness=(0.8, 1.2)),
+           T.ColorJitter(saturation=(0.8, 1.2), hue=(-0.2, 0.2)), T.RandomHorizontalFlip(p=1),
+           T.RandomVerticalFlip(p=1), T.RandomGrayscale(p=1), T.RandomAutocontrast(p=1), T.RandomEqualize(p=1),
+           T.RandomAffine(degrees=(-45, 45))]
+    chosen = [ops[i] for i in rng.choice(len(ops), 3, replace=False)] if rand_aug else []
+    return T.Compose([T.Resize(resize, antialias=True), *chosen, T.CenterCrop(crop), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def fg_mask_path(sample: Sample, fg_root: Path) -> Path:
+    return Path(fg_root) / Path(sample.path).name
+
+
+def load_fg_mask(path: Path, resize: int | tuple[int, int], crop: int) -> np.ndarray:
+    """Bilinear resize + centre crop, then ceil: any non-zero pixel is foreground (official)."""
+    if not path.is_file():
+        raise DatasetError(f"foreground mask not found: {path}; GLASS --fg 1 needs one mask per training image "
+                           f"in {path.parent}/ (download 'Foreground Mask' from the GLASS README, or make binary "
+                           "masks by thresholding), or run with --fg 0")
+    tf = T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(crop), T.ToTensor()])
+    return torch.ceil(tf(load_image(path, mode="L"))[0]).numpy()
+
+
+def check_fg_masks(samples: Sequence[Sample], fg_root: Path) -> None:
+    """Fail before training (not mid-epoch, official issue #18) when any foreground mask is missing."""
+    missing = [fg_mask_path(s, fg_root) for s in samples if not fg_mask_path(s, fg_root).is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(samples)} foreground masks missing, first: {missing[0]}; "
+                           f"put one mask per training image in {fg_root}/ (download 'Foreground Mask' from the "
+                           "GLASS README, or make binary masks by thresholding) or run with --fg 0")
+
+
+# ---------------------------------------------------------------- dataset
+class LASDataset(torch.utils.data.Dataset):
+    """Training items (index, LAS image, mask_s). The normal image is looked up in the feature cache by index.
+
+    Randomness comes from a per-item generator seeded by (seed, epoch, index) so runs are reproducible with any
+    number of loader workers. Blending uses beta ~ N(mean, std) clipped to [0.2, 0.8]:
+    I_aug = I (1-M) + (1-beta) T M + beta I M.
+    """
+
+    def __init__(self, samples: Sequence[Sample], textures: Sequence[Path], resize: int | tuple[int, int], crop: int,
+                 downsampling: int = 8, fg_root: Path | None = None, rand_aug: bool = True,
+                 beta_mean: float = 0.5, beta_std: float = 0.1, seed: int = 0):
+        self.samples = list(samples)
+        self.textures = list(textures)
+        self.resize, self.crop, self.ds = resize, crop, downsampling
+        self.fg_root = fg_root
+        self.rand_aug = rand_aug
+        self.beta_mean, self.beta_std = beta_mean, beta_std
+        self.seed, self.epoch = seed, 0
+        self.image_tf = T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(crop), T.ToTensor(),
+                                   T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        if fg_root is not None:
+            check_fg_masks(self.samples, fg_root)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        image = self.image_tf(load_image(self.samples[i].path))
+        tex_path = self.textures[int(rng.integers(len(self.textures)))]
+        tex_tf = texture_transform(self.resize, self.crop, self.rand_aug, rng) if self.rand_aug else self.image_tf
+        torch.manual_seed(int(rng.integers(2 ** 31)))  # torchvision's random ops draw from torch
+        texture = tex_tf(load_image(tex_path))
+        fg = None
+        if self.fg_root is not None:
+            path = fg_mask_path(self.samples[i], self.fg_root)
+            fg = load_fg_mask(path, self.resize, self.crop)
+        shape = tuple(image.shape[1:])
+        mask_l, mask_s = perlin_mask(shape, self.ds, rng, fg, fg_hint=str(fg_mask_path(self.samples[i], self.fg_root))
+                                     if self.fg_root is not None else "")
+        beta = float(np.clip(rng.normal(self.beta_mean, self.beta_std), 0.2, 0.8))
+        m = torch.from_numpy(mask_l)[None]
+        aug = image * (1 - m) + (1 - beta) * texture * m + beta * image * m
+        return i, aug, torch.from_numpy(mask_s)
