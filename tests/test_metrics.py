@@ -101,6 +101,8 @@ def test_official_tie_rule_is_optimistic_and_equal_without_ties():
     scores, labels = [0, 1, 1, 1], [0, 0, 1, 1]
     assert M.official_loco_image_auroc(scores, labels) == pytest.approx(1.0)
     assert M.image_auroc(scores, labels) == pytest.approx(0.75)
+    # Ties inside each class only: the official vertex after the first element of a group errs the other way.
+    assert M.official_loco_image_auroc([0] * 5 + [1] * 3, [0] * 5 + [1] * 3) == pytest.approx(13 / 15)
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 80)
     scores = rng.normal(size=80) + labels
