@@ -136,7 +136,7 @@ def trapezoid_to_limit(x: np.ndarray, y: np.ndarray, x_max: float | None) -> flo
 
 
 def weighted_overlap_curve(neg_scores: np.ndarray, pos_scores: np.ndarray, pos_weights: np.ndarray,
-                           total_weight: float) -> tuple[np.ndarray, np.ndarray]:
+                           total_weight: float, sort_in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact (FPR, overlap) curve for the rule "positive iff score > t", over every threshold t.
 
     neg_scores: scores of the defect-free pixels (FPR = fraction of them above t).
@@ -145,7 +145,11 @@ def weighted_overlap_curve(neg_scores: np.ndarray, pos_scores: np.ndarray, pos_w
     returned vertices are (0, 0), for each distinct weighted score w (descending) the point just above w and the
     point at w, and (1, 1). Trapezoid areas and the interpolation at any limit equal those over all thresholds.
     """
-    neg = np.sort(np.asarray(neg_scores).reshape(-1))
+    neg = np.asarray(neg_scores).reshape(-1)
+    if sort_in_place:  # callers that pass a fresh array save one copy of the largest array
+        neg.sort()
+    else:
+        neg = np.sort(neg)
     n_neg = len(neg)
     if n_neg == 0:
         raise MetricError("no defect-free pixel in the evaluated images; the FPR is undefined")
@@ -217,7 +221,8 @@ def spro_curve(maps: Sequence[np.ndarray], channels: Sequence[Sequence[np.ndarra
             pos.append(vals)
             weights.append(np.full(len(vals), 1.0 / (s * n_channels)))
         neg.append(m[~defect])
-    return weighted_overlap_curve(np.concatenate(neg), np.concatenate(pos), np.concatenate(weights), 1.0)
+    return weighted_overlap_curve(np.concatenate(neg), np.concatenate(pos), np.concatenate(weights), 1.0,
+                                  sort_in_place=True)
 
 
 def spro(maps, channels, saturations, limits: Iterable[float] = SPRO_LIMITS) -> dict[float, float]:
@@ -299,7 +304,8 @@ def pro_curve(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[
         n_regions += k
     if n_regions == 0:
         raise MetricError("AU-PRO needs at least one anomalous ground-truth region")
-    return weighted_overlap_curve(np.concatenate(neg), np.concatenate(pos), np.concatenate(weights), n_regions)
+    return weighted_overlap_curve(np.concatenate(neg), np.concatenate(pos), np.concatenate(weights), n_regions,
+                                  sort_in_place=True)
 
 
 def aupro(maps, masks, limit: float = AUPRO_LIMIT) -> float:
