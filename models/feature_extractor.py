@@ -27,6 +27,7 @@ class FeatureExtractor(nn.Module):
         self._modules_by_layer = {name: backbone.get_submodule(aliases.get(name, name)) for name in self.layers}
         self._last = self._last_layer()
         self._out: dict[str, torch.Tensor] = {}
+        self._running = False  # hooks act only during this extractor's own forward (several may share a backbone)
         for name, module in self._modules_by_layer.items():
             module.register_forward_hook(self._hook(name))
         self._dims: dict[str, int] | None = None
@@ -37,6 +38,8 @@ class FeatureExtractor(nn.Module):
 
     def _hook(self, name: str):
         def hook(_module, _inp, out):
+            if not self._running:
+                return
             self._out[name] = out
             if name == self._last:
                 raise _Stop
@@ -49,11 +52,14 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._out = {}
+        self._running = True
         with torch.no_grad():
             try:
                 self.backbone(x)
             except _Stop:
                 pass
+            finally:
+                self._running = False
         out, self._out = self._out, {}
         return {name: out[name] for name in self.layers}
 
