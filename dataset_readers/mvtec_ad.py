@@ -20,7 +20,9 @@ def _find_mask(gt_dir: Path, stem: str) -> Path:
 
 
 def read_mvtec_ad(root: Path, category: str, dataset: str = "mvtec_ad", require_train: bool = True,
-                  check_sizes: bool = True) -> CategoryData:
+                  check_sizes: bool = True, require_masks: bool = True) -> CategoryData:
+    """require_masks=False: a defect type without a ground_truth/<defect> folder gets no masks (image-level data
+    such as CAD-SD); a folder that exists must still hold every mask."""
     cat_dir = require_dir(Path(root) / category, f"category folder '{category}'")
     train_dir = cat_dir / "train" / GOOD
     if require_train:
@@ -32,7 +34,7 @@ def read_mvtec_ad(root: Path, category: str, dataset: str = "mvtec_ad", require_
         defect = defect_dir.name
         for p in list_images(defect_dir):
             masks: tuple[str, ...] = ()
-            if defect != GOOD:
+            if defect != GOOD and (require_masks or (cat_dir / "ground_truth" / defect).is_dir()):
                 m = _find_mask(cat_dir / "ground_truth" / defect, p.stem)
                 if check_sizes and image_size(m) != image_size(p):
                     raise DatasetError(f"mask {m} is {image_size(m)} but image {p} is {image_size(p)}; masks must have the image's size")

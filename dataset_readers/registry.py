@@ -46,8 +46,10 @@ DATASETS: dict[str, DatasetInfo] = {
                            "https://github.com/cqylunlun/GLASS (MAD link in its README)"),
     "mad_sys": DatasetInfo(partial(read_mvtec_ad, dataset="mad_sys", require_train=False), "datasets/MAD-sys",
                            (), "https://github.com/cqylunlun/GLASS (MAD link in its README)"),
-    # Any folder in MVTec AD layout, e.g. CAD-SD laid out as <root>/<category>/{train/good,test/...,ground_truth/...}.
-    "folder": DatasetInfo(partial(read_mvtec_ad, dataset="folder"), "datasets/custom", (), "your own data"),
+    # Any folder in MVTec AD layout, e.g. CAD-SD laid out as <root>/<category>/{train/good,test/...,ground_truth/...};
+    # defect types without a ground_truth folder are image-level only (CAD-SD has no masks).
+    "folder": DatasetInfo(partial(read_mvtec_ad, dataset="folder", require_masks=False), "datasets/custom", (),
+                          "your own data"),
 }
 
 

@@ -223,3 +223,21 @@ def test_missing_mask_and_bad_defects_config(tmp_path):
     (cat / "ground_truth" / "crack").mkdir(parents=True)
     with pytest.raises(DatasetError, match="003_mask.png"):
         read_category("mvtec_ad", "bottle", tmp_path / "ad")
+
+
+def test_folder_dataset_without_masks_cad_sd_style(tmp_path):
+    """CAD-SD laid out as MVTec AD has no ground_truth: the folder dataset reads it image-level, mvtec_ad refuses."""
+    cat = tmp_path / "screw"
+    for i in range(2):
+        _png(cat / "train" / "good" / f"{i:03d}.png", seed=i)
+    for defect in ("good", "over-coupling", "scratch"):
+        _png(cat / "test" / defect / "000.png", seed=9)
+    data = read_category("folder", "screw", tmp_path)
+    assert [(s.defect_type, s.label, s.mask_paths) for s in data.test] == [
+        ("good", 0, ()), ("over-coupling", 1, ()), ("scratch", 1, ())]
+    with pytest.raises(DatasetError, match="000_mask.png"):
+        read_mvtec_ad(tmp_path, "screw")
+    # a ground_truth folder that exists must be complete, even for the folder dataset
+    (cat / "ground_truth" / "scratch").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no ground-truth mask"):
+        read_category("folder", "screw", tmp_path)
