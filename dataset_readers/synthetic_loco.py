@@ -587,6 +587,31 @@ def generate_category(root: Path, category: str, size: int, n_train: int, n_val:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def add_component_maps(root: Path, category: str, info: dict) -> None:
+    """Add the maps to a complete category written without them: re-render it from its stored parameters, check
+    that the images come out byte-identical, then move only the component_maps folder in."""
+    cat_dir = root / category
+    scratch = root / f".{category}.maps-{os.getpid()}"
+    try:
+        generate_category(scratch, category, info["size"], info["n_train"], info["n_val"], info["n_test"],
+                          info["seed"], True)
+        new = scratch / category
+        for split in ("train", "validation", "test"):
+            for p in sorted((new / split).rglob("*.png")):
+                old = cat_dir / p.relative_to(new)
+                if not old.is_file() or old.read_bytes() != p.read_bytes():
+                    raise DatasetError(f"{cat_dir} was written by another generator version ({old} differs) and has "
+                                       "no component maps; delete it or pass --force --component-maps")
+        os.rename(new / "component_maps", cat_dir / "component_maps")
+        info = dict(info, component_maps=True)
+        tmp_info = cat_dir / f".{INFO_FILE}.{os.getpid()}"
+        tmp_info.write_text(json.dumps(info, indent=1))
+        os.replace(tmp_info, cat_dir / INFO_FILE)
+        LOG.info("added component maps to %s", cat_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def generate(root: str | os.PathLike = DEFAULT_ROOT, size: int = 256, n_train: int = 60, n_val: int = 20,
              n_test: int = 20, seed: int = 0, categories: list[str] | tuple[str, ...] | None = None,
              component_maps: bool = False, force: bool = False) -> Path:
@@ -607,8 +632,7 @@ def generate(root: str | os.PathLike = DEFAULT_ROOT, size: int = 256, n_train: i
             if info is None:
                 raise DatasetError(f"{cat_dir} exists but is incomplete; delete it or pass --force to regenerate")
             if component_maps and not info.get("component_maps"):
-                raise DatasetError(f"{cat_dir} exists without component maps; delete it or pass --force "
-                                   "--component-maps to regenerate")
+                add_component_maps(root, category, info)
             have = {k: info.get(k) for k in wanted}
             differs = {k: v for k, v in have.items() if v != wanted[k] and k != "component_maps"}
             LOG.info("%s exists and is complete, skipping%s", cat_dir,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import cv2
@@ -142,8 +143,20 @@ def test_never_overwrites_and_force(tmp_path, caplog):
     generate(tmp_path, **kw)  # complete: skipped
     assert img.stat().st_mtime_ns == before
     assert "exists and is complete, skipping" in caplog.text
-    with pytest.raises(DatasetError, match="without component maps"):
+    # asking for component maps later adds them (same images) instead of failing or rewriting the images
+    generate(tmp_path, component_maps=True, **kw)
+    assert img.stat().st_mtime_ns == before
+    maps = tmp_path / "synth_bottle" / "component_maps"
+    reference = generate(tmp_path / "ref", component_maps=True, **kw) / "synth_bottle" / "component_maps"
+    assert _files(maps) == _files(reference) and len(_files(maps)) == 2 + 1 + 3 * 2
+    info = json.loads((tmp_path / "synth_bottle" / "synthetic_info.json").read_text())
+    assert info["component_maps"] is True
+    img.write_bytes(img.read_bytes() + b"x")  # an image that the generator would not write
+    (tmp_path / "synth_bottle" / "synthetic_info.json").write_text(json.dumps(dict(info, component_maps=False)))
+    shutil.rmtree(maps)
+    with pytest.raises(DatasetError, match="differs"):
         generate(tmp_path, component_maps=True, **kw)
+    assert not maps.exists()
     img.unlink()  # now incomplete
     with pytest.raises(DatasetError, match=r"synth_bottle exists but is incomplete; delete it or pass --force"):
         generate(tmp_path, **kw)
