@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         root = generate(args.root, args.size, args.n_train, args.n_val, args.n_test, args.seed, args.categories,
                         args.component_maps, args.force)
-    except DatasetError as exc:
+    except (DatasetError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"synthetic LOCO dataset in {root.resolve()} ({', '.join(args.categories)}), "
           f"{time.perf_counter() - t0:.1f} s")
