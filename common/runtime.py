@@ -39,10 +39,10 @@ def set_threads(n: int | None = None) -> None:
 
 def get_logger(name: str) -> logging.Logger:
     logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)  # INFO even when a host (e.g. pytest) configured the root logger
     if not logging.getLogger().handlers and not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         logger.propagate = False
     return logger
