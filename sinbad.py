@@ -1,0 +1,169 @@
+"""SINBAD: set features per pyramid level (7, 14, 224) and their ensemble, image-level scores only.
+
+Default: every (category, level, crop count) unit in sequence, then the ensemble. Units can also run as separate
+processes (--level/--crops --units-only) and be combined afterwards with --ensemble-only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from common import atomic_write_json, get_logger, pick_device, seed_everything, set_threads
+from common.cli import add_common_args, resolve_categories
+from dataset_readers import read_category
+from evaluation.score_files import save_group_scores, scores_for_samples
+from methods.sinbad import (CROP_RATIOS, LEVELS, PIXEL_LEVEL, DEEP_LAYERS, SinbadConfig, crop_counts, ensemble,
+                            load_unit, run_unit, save_unit, unit_path, with_validation, work_dir)
+
+DATASET = "mvtec_loco"
+CATEGORIES = None  # None: every category of --dataset
+BACKBONE = "wide_resnet50_2"
+SEED = 0
+VAL_HOLDOUT = 0.1  # share of train images held out where a dataset has no validation split
+
+log = get_logger("sinbad")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
+    d = SinbadConfig()
+    g = p.add_argument_group("SINBAD")
+    g.add_argument("--levels", "--level", nargs="+", type=int, default=list(LEVELS),
+                   choices=sorted([*DEEP_LAYERS, PIXEL_LEVEL]), help="pyramid levels (7: layer4, 14: layer3, 224: pixels)")
+    g.add_argument("--crops", nargs="+", type=int, default=list(CROP_RATIOS), choices=list(CROP_RATIOS),
+                   help="crops per canvas for the deep levels (16, 9, 4, 1 = ratios 0.25, 0.5, 0.7, 0.99)")
+    g.add_argument("--units-only", action="store_true", help="write the unit files, skip the ensemble")
+    g.add_argument("--ensemble-only", action="store_true", help="combine existing unit files into score files")
+    g.add_argument("--projections", type=int, default=d.projections, help="random projections, levels 7/14")
+    g.add_argument("--pixel-projections", type=int, default=d.pixel_projections)
+    g.add_argument("--quantiles", type=int, default=d.quantiles, help="thresholds per projection")
+    g.add_argument("--shrinkage", type=float, default=d.shrinkage)
+    g.add_argument("--pixel-shrinkage", type=float, default=d.pixel_shrinkage)
+    g.add_argument("--pixel-reps", type=int, default=d.pixel_reps, help="pixel-level repeats (median in the ensemble)")
+    g.add_argument("--lambda-pixel", type=float, default=d.lambda_pixel, help="weight of the pixel level")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch; the first fits thresholds")
+    g.add_argument("--official-thresholds", action="store_true",
+                   help="official: re-fit thresholds on the first batch of every split, test included")
+    g.add_argument("--whiten", choices=["inv", "inv_sqrt"], default=d.whiten,
+                   help="inv: x Sigma^-1 as the official code; inv_sqrt: Mahalanobis")
+    g.add_argument("--benchmark", action="store_true", help="write time per image per level and peak memory (JSON)")
+    return p.parse_args(argv)
+
+
+def make_config(args) -> SinbadConfig:
+    kw = dict(projections=args.projections, pixel_projections=args.pixel_projections, quantiles=args.quantiles,
+              shrinkage=args.shrinkage, pixel_shrinkage=args.pixel_shrinkage, pixel_reps=args.pixel_reps,
+              lambda_pixel=args.lambda_pixel, batch_size=args.batch_size, seed=args.seed,
+              official_thresholds=args.official_thresholds, whiten=args.whiten)
+    if args.fast:
+        d = SinbadConfig()
+        # --fast shrinks canvas, projections and repeats unless they were given explicitly
+        for k in ("projections", "pixel_reps"):
+            if kw[k] == getattr(d, k):
+                kw.pop(k)
+        return SinbadConfig.fast_config(**kw)
+    return SinbadConfig(**kw)
+
+
+def units_for(args) -> list[tuple[int, int]]:
+    return [(lv, c) for lv in args.levels for c in crop_counts(lv, args.crops)]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.units_only and args.ensemble_only:
+        raise SystemExit("--units-only and --ensemble-only exclude each other")
+    set_threads()
+    seed_everything(args.seed)
+    cfg = make_config(args)
+    device = pick_device(args.device)
+    units = units_for(args)
+    extractor = None
+    if not args.ensemble_only and any(lv != PIXEL_LEVEL for lv, _ in units):
+        from models.backbones import load_backbone
+        from models.feature_extractor import FeatureExtractor
+
+        layers = sorted({DEEP_LAYERS[lv] for lv, _ in units if lv != PIXEL_LEVEL})
+        extractor = FeatureExtractor(load_backbone(args.backbone, args.weights), layers).to(device)
+    log.info("SINBAD on %s (%s), levels %s, crops %s, %s; unit files under %s", args.dataset, device, args.levels,
+             args.crops, "fast" if args.fast else "full size", work_dir(args.score_dir))
+    results, bench = {}, {}
+    for category in resolve_categories(args):
+        raw = read_category(args.dataset, category, args.data_root)
+        data = with_validation(raw, VAL_HOLDOUT)
+        unit_scores = {}
+        for lv, n_crops in units:
+            path = unit_path(args.score_dir, category, lv, n_crops)
+            if not args.ensemble_only:
+                res = run_unit(data, lv, n_crops, cfg, extractor, device, log)
+                save_unit(path, res, data, cfg, {"level": lv, "crops": n_crops, "dataset": args.dataset,
+                                                 "backbone": args.backbone, "category": category})
+                bench[f"{category}/L{lv}_c{n_crops}"] = res["timing"]
+            if not args.units_only:
+                unit_scores[(lv, n_crops)] = load_unit(path, data)
+        if args.units_only:
+            continue
+        check_compatible(unit_scores)
+        combined = ensemble(unit_scores, cfg)
+        results[category] = {}
+        for method, (test, val) in combined.items():
+            groups = scores_for_samples(test, data.test, raw)
+            if "val" in raw.score_groups():
+                groups["val"] = val
+            paths = save_group_scores(raw, method, groups, args.score_dir)
+            results[category][method] = auroc_by_group(raw, groups)
+            log.info("%s %s: %s -> %s", category, method,
+                     ", ".join(f"{g} AUROC {a:.3f}" for g, a in results[category][method].items()), paths[0].parent)
+    if args.benchmark:
+        write_benchmark(args, bench)
+    return results
+
+
+def check_compatible(unit_scores: dict) -> None:
+    """All units of one ensemble must come from the same preprocessing/seed (e.g. not --fast mixed with full)."""
+    from methods.sinbad import COMPAT_KEYS
+
+    ref = None
+    for key, u in unit_scores.items():
+        cfg = {k: u["info"]["config"].get(k) for k in COMPAT_KEYS} | {"backbone": u["info"].get("backbone")}
+        if ref is None:
+            ref = (key, cfg)
+        elif cfg != ref[1]:
+            raise RuntimeError(f"SINBAD units L{key[0]}_c{key[1]} and L{ref[0][0]}_c{ref[0][1]} were computed with "
+                               f"different settings ({cfg} vs {ref[1]}); re-run the units with one setting")
+
+
+def auroc_by_group(data, groups: dict) -> dict:
+    """Image AUROC per labelled group, for the log only (benchmark_performance.py does the evaluation)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for g, samples in data.score_groups().items():
+        labels = [s.label for s in samples]
+        if g in groups and 0 < sum(labels) < len(labels):
+            out[g] = float(roc_auc_score(labels, groups[g]))
+    return out
+
+
+def write_benchmark(args, bench: dict) -> None:
+    per_level: dict[str, list] = {}
+    for key, t in bench.items():
+        per_level.setdefault(key.rsplit("_c", 1)[0], []).append(t)  # "<category>/L<level>": sum over crop counts
+    summary = {lv: {"s_per_image": float(np.sum([t["s_per_image"] for t in ts])),
+                    "test_s_per_image": float(np.sum([t["test_s_per_image"] for t in ts])),
+                    "peak_rss_mb": float(max(t["peak_rss_mb"] for t in ts)),
+                    "peak_cuda_mb": float(max(t["peak_cuda_mb"] for t in ts))} for lv, ts in per_level.items()}
+    path = work_dir(args.score_dir) / "benchmark.json"
+    atomic_write_json(path, {"backbone": args.backbone, "fast": args.fast, "levels": summary, "units": bench})
+    for lv, s in summary.items():
+        log.info("benchmark %s: %.3f s/image over all crop counts (test %.3f), peak RSS %.0f MB", lv,
+                 s["s_per_image"], s["test_s_per_image"], s["peak_rss_mb"])
+    log.info("benchmark written to %s", path)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
