@@ -25,6 +25,9 @@ BERT_URL = ("https://huggingface.co/google-bert/bert-base-uncased (config.json, 
             "tokenizer_config.json, model.safetensors) into ckpt/bert-base-uncased/")
 TINY_RANDOM = "tiny"
 TINY_CONFIG = dict(hidden_dim=256, nheads=8, enc_layers=1, dec_layers=1, num_queries=20, dim_feedforward=64)
+TINY_SWIN = dict(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])  # Swin-T layout, 1 block per stage
+# Activation checkpointing only matters for training; at inference it just adds overhead (same weights).
+INFERENCE_CONFIG = dict(use_checkpoint=False, use_transformer_ckpt=False)
 
 
 class TextBert(nn.Module):
@@ -55,15 +58,19 @@ class TextBert(nn.Module):
 
 
 @contextlib.contextmanager
-def _patched_bert_wrapper():
+def _patched_build(swin_overrides: dict | None = None):
+    """Swap in TextBert (and, for the tiny model, a smaller Swin) while groundingdino-py builds the model."""
+    import groundingdino.models.GroundingDINO.backbone.backbone as bb
     import groundingdino.models.GroundingDINO.groundingdino as gd
 
-    original = gd.BertModelWarper
+    original_bert, original_swin = gd.BertModelWarper, bb.build_swin_transformer
     gd.BertModelWarper = TextBert
+    if swin_overrides:
+        bb.build_swin_transformer = lambda *a, **kw: original_swin(*a, **{**kw, **swin_overrides})
     try:
         yield
     finally:
-        gd.BertModelWarper = original
+        gd.BertModelWarper, bb.build_swin_transformer = original_bert, original_swin
 
 
 def _swint_ogc_config(bert_dir: Path, overrides: dict | None = None):
@@ -87,15 +94,16 @@ def find_bert_dir(bert_dir: str | os.PathLike | None = None, ckpt_dir: str | os.
     return path
 
 
-def build_grounding_dino(bert_dir: str | os.PathLike, overrides: dict | None = None) -> nn.Module:
+def build_grounding_dino(bert_dir: str | os.PathLike, overrides: dict | None = None,
+                         swin_overrides: dict | None = None) -> nn.Module:
     """The SwinT-OGC architecture (random init except BERT, which loads from `bert_dir`)."""
     from groundingdino.models import build_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import io
-    with _patched_bert_wrapper(), contextlib.redirect_stdout(io.StringIO()):  # it prints the text encoder path
-        model = build_model(_swint_ogc_config(Path(bert_dir), overrides))
+    with _patched_build(swin_overrides), contextlib.redirect_stdout(io.StringIO()):  # it prints the BERT path
+        model = build_model(_swint_ogc_config(Path(bert_dir), {**INFERENCE_CONFIG, **(overrides or {})}))
     return model
 
 
@@ -151,12 +159,12 @@ def save_tiny_bert(folder: str | os.PathLike, words: list[str], seed: int = 0) -
 
 
 def build_tiny_grounding_dino(bert_dir: str | os.PathLike, seed: int = 0) -> nn.Module:
-    """SwinT-OGC code path with a 1+1-layer transformer (width 256: the text position code fixes it) and 20 queries, random weights (Swin-T backbone
-    keeps its architecture: groundingdino-py only builds named Swin variants)."""
+    """SwinT-OGC code path, random weights: a 32-dim Swin with one block per stage, a 1+1-layer transformer
+    (width 256: groundingdino's text position code fixes it) and 20 queries."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = build_grounding_dino(bert_dir, TINY_CONFIG)
+        model = build_grounding_dino(bert_dir, TINY_CONFIG, TINY_SWIN)
     finally:
         torch.random.set_rng_state(state)
     return model.eval().requires_grad_(False)

@@ -1,0 +1,163 @@
+"""CSAD stage 1: unsupervised component pseudo-labels (Grounding DINO + HQ-SAM + MeanShift + HDBSCAN).
+
+Writes, per category and training image, datasets/masks/<category>/<stem>/{grounding_mask, grounding_background,
+all_masks, refined_masks, cluster_map, filtered_cluster_map}.png + background.jpg, and
+datasets/masks/<category>/info/{filtered_histogram_indices, filtered_component_histogram, raw_component_histogram,
+component_num_mode, hdbscan_labels}.npy, all_component_feats.npz (descriptor cache), info.txt, image_stems.txt.
+
+    python pseudo_label.py                                     # MVTec LOCO, every category, official settings
+    python pseudo_label.py --categories pushpins --recluster --bandwidth 3.0    # reuse masks and descriptors
+    python pseudo_label.py --dataset synthetic_loco --fast --backbone efficientnet_lite0 --weights W
+    python pseudo_label.py --dataset synthetic_loco --from-component-maps      # true labels, no models
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import get_logger, pick_device, seed_everything, set_threads
+from common.cli import REPO_ROOT, add_common_args, resolve_categories
+
+DATASET = "mvtec_loco"
+CATEGORIES = None  # None: every category of the dataset (the official script runs all five LOCO categories)
+BACKBONE = "wide_resnet50_2"  # component descriptor backbone (layer4)
+# The official descriptor uses timm's default wide_resnet50_2 tag (racm_in1k), not the torchvision weights.
+DESCRIPTOR_WEIGHTS = {"wide_resnet50_2": ("wide_resnet50_racm-8234f177.pth",
+                                          "https://github.com/huggingface/pytorch-image-models/releases/download/"
+                                          "v0.1-rsb-weights/wide_resnet50_racm-8234f177.pth")}
+SEED = 0
+MASKS_ROOT = REPO_ROOT / "datasets" / "masks"
+SAM_MODEL = "vit_h"
+# --fast: same code path, smaller: tiny random Grounding DINO / HQ-SAM, small inputs, few points and rotations.
+# The random models' quality scores are meaningless, so --fast keeps every AMG mask (thresholds 0).
+FAST = dict(grounding_short_side=128, grounding_max_size=256, n_rotations=8,
+            sam_amg=dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0))
+
+log = get_logger("pseudo_label")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
+    p.add_argument("--masks-root", default=str(MASKS_ROOT), help="output root (default datasets/masks)")
+    p.add_argument("--config", default=None, help="per-category settings (default configs/csad_pseudo_label.json)")
+    p.add_argument("--grounding-ckpt", default=None,
+                   help="Grounding DINO SwinT-OGC file (default <ckpt-dir>/groundingdino_swint_ogc.pth); "
+                        "'tiny': tiny random model (default with --fast)")
+    p.add_argument("--bert-dir", default=None, help="local bert-base-uncased folder (default <ckpt-dir>/bert-base-uncased)")
+    p.add_argument("--sam-model", default=SAM_MODEL, choices=["vit_h", "vit_l", "vit_b", "vit_tiny"])
+    p.add_argument("--sam-ckpt", default=None,
+                   help="HQ-SAM file (default <ckpt-dir>/sam_hq_<model>.pth); 'tiny': tiny random model (default "
+                        "with --fast); 'random': the --sam-model architecture with random weights")
+    p.add_argument("--bandwidth", type=float, default=None, help="override the category's MeanShift bandwidth")
+    p.add_argument("--official-background-match", action="store_true",
+                   help="official unstripped background-prompt matching (pushpins then has no grounding background)")
+    p.add_argument("--amg-for-no-sam", action="store_true",
+                   help="official: also run SAM automatic masks for no_sam categories (their output is discarded)")
+    p.add_argument("--from-component-maps", action="store_true",
+                   help="write the layout from the synthetic generator's true component maps (no models)")
+    p.add_argument("--good-fraction", type=float, default=1.0,
+                   help="--from-component-maps: share of images marked supervised (default all)")
+    p.add_argument("--overwrite", action="store_true", help="recompute everything for the categories")
+    p.add_argument("--recluster", action="store_true",
+                   help="redo clustering with cached masks and descriptors (e.g. with another --bandwidth)")
+    p.add_argument("--max-batch", type=int, default=1024, help="crops per backbone forward (memory bound)")
+    return p.parse_args(argv)
+
+
+def descriptor_backbone(args):
+    from models.backbones import load_backbone
+
+    weights = args.weights
+    if weights is None and args.backbone in DESCRIPTOR_WEIGHTS:
+        name, url = DESCRIPTOR_WEIGHTS[args.backbone]
+        weights = Path(args.ckpt_dir) / name
+        if not weights.is_file():
+            raise SystemExit(f"descriptor weights not found: {weights}; download {name} from {url} into "
+                             f"{args.ckpt_dir} (or pass --weights)")
+    return load_backbone(args.backbone, weights)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    set_threads()
+    seed_everything(args.seed)
+    from dataset_readers import DatasetError, read_category
+    from methods.csad import label_layout as L
+    from methods.csad.pseudo_label.config import PseudoLabelError, load_config
+
+    categories = resolve_categories(args)
+    if args.from_component_maps:
+        root = args.data_root or REPO_ROOT / "datasets" / args.dataset
+        return [{"category": c, "path": str(L.write_from_component_maps(
+            root, c, args.masks_root, good_fraction=args.good_fraction, overwrite=args.overwrite))}
+            for c in categories]
+
+    configs = {c: load_config(c, args.config) for c in categories}  # fail early on an unknown category
+    device = pick_device(args.device)
+    grounding_ckpt = args.grounding_ckpt or ("tiny" if args.fast else None)
+    sam_ckpt = args.sam_ckpt or ("tiny" if args.fast else None)
+    n_rot = FAST["n_rotations"] if args.fast else None
+    cache: dict = {}
+    tmp = tempfile.TemporaryDirectory(prefix="tiny_bert_")
+
+    def make_segmenter(cfg):
+        def build():
+            if "segmenter" not in cache:
+                from models.grounding import GroundingPredictor, load_grounding_dino, save_tiny_bert
+                from models.sam_loader import load_sam
+                from methods.csad.pseudo_label.segment import Segmenter
+
+                bert = args.bert_dir
+                if grounding_ckpt == "tiny" and bert is None:  # generated locally, never downloaded
+                    words = " ".join(configs[c].text_prompt + " " + configs[c].background_prompt for c in categories)
+                    bert = save_tiny_bert(tmp.name, words.replace(".", " ").split())
+                log.info("loading Grounding DINO (%s) and HQ-SAM %s (%s) on %s", grounding_ckpt or "ckpt",
+                         args.sam_model, sam_ckpt or "ckpt", device)
+                gd = load_grounding_dino(grounding_ckpt, bert, args.ckpt_dir, device)
+                short, longest = ((FAST["grounding_short_side"], FAST["grounding_max_size"]) if args.fast else
+                                  (cfg.common.get("grounding_short_side", 800), cfg.common.get("grounding_max_size", 1333)))
+                sam = load_sam(args.sam_model, sam_ckpt, args.ckpt_dir, device)
+                amg = dict(cfg.sam_amg)
+                if args.fast:
+                    amg.update(FAST["sam_amg"])
+                cache["segmenter"] = Segmenter(GroundingPredictor(gd, short, longest), sam, amg,
+                                               official_background_match=args.official_background_match,
+                                               amg_for_no_sam=args.amg_for_no_sam)
+            return cache["segmenter"]
+        return build
+
+    def make_descriptor(cfg):
+        def build():
+            if "descriptor" not in cache:
+                from methods.csad.pseudo_label.descriptors import ComponentDescriptor
+
+                cache["descriptor"] = ComponentDescriptor(descriptor_backbone(args), device,
+                                                          cfg.common.get("crop_size", 65),
+                                                          n_rot or cfg.common.get("n_rotations", 60), args.max_batch)
+            return cache["descriptor"]
+        return build
+
+    from methods.csad.pseudo_label.pipeline import Options, run_category
+
+    opts = Options(masks_root=Path(args.masks_root), seed=args.seed, overwrite=args.overwrite,
+                   recluster=args.recluster, bandwidth=args.bandwidth)
+    summaries = []
+    try:
+        for cat in categories:
+            cfg = configs[cat]
+            data = read_category(args.dataset, cat, args.data_root)
+            meta = {"backbone": args.backbone, "weights": str(Path(args.weights).name) if args.weights else "default",
+                    "n_rotations": n_rot or cfg.common.get("n_rotations", 60), "crop": cfg.common.get("crop_size", 65)}
+            log.info("%s: %d training images -> %s", cat, len(data.train), L.masks_dir(cat, args.masks_root))
+            summaries.append(run_category(data, cfg, opts, make_segmenter(cfg), make_descriptor(cfg), meta, log))
+    except (DatasetError, PseudoLabelError, L.LayoutError, FileNotFoundError) as exc:
+        raise SystemExit(f"pseudo_label.py: {exc}") from None
+    finally:
+        tmp.cleanup()
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
