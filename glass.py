@@ -38,10 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="OFFICIAL protocol: pick the epoch with the best test I-AUROC + P-AUROC (test-set selection)")
     g.add_argument("--checkpoint", default=None, help="test only, with this checkpoint (.pth)")
     g.add_argument("--test-only", action="store_true", help="test only, with ckpt/glass/<dataset>/<category>/ckpt.pth")
-    g.add_argument("--epochs", type=int, default=None, help=f"meta epochs (default {d.meta_epochs}; --fast 5)")
+    g.add_argument("--epochs", type=int, default=None, help=f"meta epochs (default {d.meta_epochs}; --fast 20)")
     g.add_argument("--imagesize", type=int, default=None, help=f"crop size (default {d.imagesize}; --fast 64)")
     g.add_argument("--embed-dim", type=int, default=None,
                    help=f"pretrain = target embedding dimension (default {d.target_dim}; --fast 256)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores or $OMP_NUM_THREADS)")
     g.add_argument("--no-paper-resize", action="store_true", help="resize toothbrush/wood straight to the crop size")
     for name in ("batch_size", "lr", "noise", "radius", "p", "step", "limit", "mining", "pre_proj", "dsc_layers",
                  "dsc_hidden", "downsampling", "rand_aug", "eval_epochs", "workers", "cache_max_gb"):
@@ -66,7 +67,7 @@ def build_config(args: argparse.Namespace) -> GlassConfig:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     log = get_logger("glass")
-    set_threads()
+    set_threads(args.threads)
     cfg = build_config(args)
     device = pick_device(args.device)
     backbone = load_backbone(args.backbone, args.weights).to(device)

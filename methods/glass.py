@@ -90,7 +90,7 @@ class GlassConfig:
     cache_max_gb: float = 4.0
 
 
-FAST = dict(imagesize=64, resize=64, pretrain_dim=256, target_dim=256, dsc_hidden=256, meta_epochs=5)
+FAST = dict(imagesize=64, resize=64, pretrain_dim=256, target_dim=256, dsc_hidden=256, meta_epochs=20, step=5)
 
 
 def fast_config(cfg: GlassConfig) -> GlassConfig:
@@ -286,12 +286,14 @@ def gt_at_crop(sample: Sample, resize: int, crop: int, binarize: bool) -> np.nda
 
 
 def _auroc(labels, scores) -> float:
-    from sklearn.metrics import roc_auc_score
+    """Image/pixel AUROC from the evaluation module; NaN when only one class is present (e.g. a LOCO val group)."""
+    from evaluation.metrics import auroc_from_groups
 
-    labels = np.asarray(labels).reshape(-1)
-    if labels.min() == labels.max():
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    scores = np.asarray(scores).reshape(-1)
+    if labels.all() or not labels.any():
         return float("nan")
-    return float(roc_auc_score(labels, np.asarray(scores).reshape(-1)))
+    return auroc_from_groups(scores[~labels], scores[labels])
 
 
 # ---------------------------------------------------------------- training
