@@ -1,0 +1,123 @@
+"""CSAD stage 3: train the LGST student-teacher per category and write its checkpoint, scores and maps.
+
+    python CSAD.py                                   # all MVTec LOCO categories, official settings
+    python CSAD.py --dataset synthetic_loco --fast --backbone efficientnet_lite0 --weights W --penalty-dir D
+    python CSAD.py --benchmark-speed --weights random   # batch-1 latency at 256 px
+
+Writes {ckpt-dir}/best_{category}.pth, {score-dir}/{category}_LGST_{logi,struc,val}_score.npy and TIFF maps
+under {score-dir}/anomaly_maps/LGST/. See docs/csad_lgst.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common import get_logger, pick_device, seed_everything, set_threads
+from common.cli import REPO_ROOT, add_common_args, resolve_categories
+
+DATASET = "mvtec_loco"
+CATEGORIES = None  # None: every category of --dataset (MVTec LOCO: the five official ones)
+BACKBONE = "wide_resnet50_2"
+SEED = 0
+# The official teacher uses timm wide_resnet50_2.tv2_in1k = torchvision's IMAGENET1K_V2 weights.
+TV2_WEIGHTS = "wide_resnet50_2-9ba9bcbe.pth"
+TV2_URL = "https://download.pytorch.org/models/wide_resnet50_2-9ba9bcbe.pth"
+PENALTY_DIR = REPO_ROOT / "datasets" / "imagenet_penalty"
+
+log = get_logger("CSAD")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
+    g = p.add_argument_group("LGST")
+    g.add_argument("--iterations", type=int, default=None, help="training iterations (default 60000; --fast 300)")
+    g.add_argument("--input-size", type=int, default=None, help="input resolution (default 256; --fast 128)")
+    g.add_argument("--batch-size", type=int, default=2)
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--no-padding", action="store_true", help="student without padding (official speed-test setting)")
+    g.add_argument("--penalty-dir", default=str(PENALTY_DIR),
+                   help="natural-image folder for the penalty loss (searched recursively); default %(default)s")
+    g.add_argument("--no-penalty", action="store_true", help="train without the penalty loss")
+    g.add_argument("--select-on-test", action="store_true",
+                   help="official behaviour: keep the iteration with the best test AUROC (default: final iteration)")
+    g.add_argument("--eval-freq", type=int, default=None, help="test evaluation interval with --select-on-test (1000)")
+    g.add_argument("--no-maps", action="store_true", help="do not write TIFF anomaly maps")
+    g.add_argument("--workers", type=int, default=0, help="data-loader workers for the penalty images")
+    g.add_argument("--benchmark-speed", action="store_true",
+                   help="only measure batch-1 latency (ms/img) after warm-up, at 256 px unless --input-size")
+    g.add_argument("--speed-runs", type=int, default=20)
+    g.add_argument("--speed-warmup", type=int, default=5)
+    return p.parse_args(argv)
+
+
+def make_config(args):
+    from methods.csad.lgst import LGSTConfig
+
+    over = {k: v for k, v in dict(iterations=args.iterations, input_size=args.input_size, eval_freq=args.eval_freq,
+                                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay).items()
+            if v is not None}
+    if args.no_padding:
+        over["padding"] = False
+    return LGSTConfig.fast(**over) if args.fast else LGSTConfig(**over)
+
+
+def resolve_weights(args) -> str | None:
+    if args.weights is None and args.backbone == "wide_resnet50_2":
+        path = Path(args.ckpt_dir) / TV2_WEIGHTS
+        if not path.is_file():
+            raise SystemExit(f"weights not found: {path}; download {TV2_URL} (the official tv2 teacher weights) "
+                             "into the checkpoint folder, or pass --weights FILE (or 'random' for a smoke test)")
+        return str(path)
+    return args.weights
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    set_threads()
+    seed_everything(args.seed)
+    import torch
+
+    from dataset_readers import read_category
+    from methods.csad import lgst
+    from models.backbones import load_backbone
+
+    device = pick_device(args.device)
+    cfg = make_config(args)
+    backbone = load_backbone(args.backbone, resolve_weights(args))
+
+    if args.benchmark_speed:
+        if args.input_size is None:
+            cfg.input_size = 256  # the paper's resolution, also with --fast
+        model = lgst.build_model(backbone, cfg, args.seed)
+        res = lgst.benchmark_latency(model, device, cfg.input_size, args.speed_warmup, args.speed_runs)
+        log.info("LGST latency (%s, batch 1, %d px, %d threads): %.1f ms/img mean, %.1f ms median over %d runs",
+                 args.backbone, cfg.input_size, res["threads"], res["ms_mean"], res["ms_median"], res["runs"])
+        print(json.dumps(res))
+        return
+
+    penalty = None
+    if not args.no_penalty:
+        penalty = lgst.find_penalty_images(args.penalty_dir)
+        log.info("penalty loss on %d images from %s", len(penalty), args.penalty_dir)
+    results = []
+    for category in resolve_categories(args):
+        data = read_category(args.dataset, category, args.data_root)
+        log.info("%s/%s: %d train, %d validation, %d test images; %d iterations at %d px on %s", args.dataset,
+                 category, len(data.train), len(data.validation), len(data.test), cfg.iterations, cfg.input_size,
+                 device)
+        res = lgst.run_category(data, backbone, cfg, device, args.seed, args.score_dir, args.ckpt_dir, penalty,
+                                args.select_on_test, not args.no_maps, args.workers)
+        log.info("%s: LGST image AUROC %s", category, {k: round(v, 2) for k, v in res["auroc"].items()})
+        results.append(res)
+        del data
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for r in results:
+        log.info("%-22s %s", r["category"], "  ".join(f"{k} {v:.2f}" for k, v in r["auroc"].items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,518 @@
+"""CSAD stage 3: the Local-Global Student-Teacher (LGST), csad.md §4.
+
+Teacher: frozen backbone layer2 + layer3 -> bilinear resize to the map size -> 3x3 average pool -> a random,
+frozen, seeded 1x1 conv to 512 channels -> channel normalisation with training-set statistics.
+Students: models.efficientad.LocalStudent (heads "st" and "ae") and models.efficientad.AutoEncoder.
+Losses: hard loss (0.999 quantile) + penalty on natural images + L_ae + L_stae; Adam, StepLR at 95 %.
+Maps: (T - S_st)^2 and (AE - S_ae)^2 averaged over channels, each quantile-normalised on validation
+(q0.9 / q0.995, scale 0.1), summed; the image score is the max of the map.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from common import get_logger, load_checkpoint, save_checkpoint
+from dataset_readers.base import IMAGE_SUFFIXES, DatasetError, Sample
+from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset
+from models.efficientad import AutoEncoder, LocalStudent
+from models.feature_extractor import FeatureExtractor
+
+METHOD = "LGST"
+TEACHER_LAYERS = ("layer2", "layer3")
+log = get_logger("csad.lgst")
+
+
+@dataclass
+class LGSTConfig:
+    """Official values (configs/mvtecloco_train.yaml and models/model.py); `fast()` shrinks sizes only."""
+    input_size: int = 256
+    channels: int = 512
+    student_width: int = 256
+    ae_base: int = 64
+    padding: bool = True
+    iterations: int = 60000
+    batch_size: int = 2
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    lr_step_fraction: float = 0.95  # StepLR step = floor(0.95 * iterations), gamma 0.1
+    lr_gamma: float = 0.1
+    hard_quantile: float = 0.999
+    q_start: float = 0.9
+    q_end: float = 0.995
+    map_scale: float = 0.1
+    weight_st: float = 1.0
+    weight_ae: float = 1.0
+    weight_stae: float = 1.0
+    eval_freq: int = 1000
+
+    @property
+    def out_size(self) -> int:
+        return self.input_size // 4  # the student trunk has stride 4: 256 -> 64
+
+    @classmethod
+    def fast(cls, **overrides) -> "LGSTConfig":
+        base = dict(input_size=128, channels=64, student_width=32, ae_base=32, iterations=300, eval_freq=100)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LGSTConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------- numerics
+
+def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """numpy's default (linear) quantile of all elements; kthvalue has no size limit, unlike torch.quantile."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    k_top = n - lo
+    if k_top <= max(2, n // 8):  # upper-tail quantiles (the hard loss, the map quantiles): a small top-k
+        top = torch.topk(flat, k_top, largest=True, sorted=True).values
+        v_lo, v_hi = top[-1], top[-2] if k_top >= 2 else top[-1]
+    else:
+        v_lo = torch.kthvalue(flat, lo + 1).values
+        v_hi = torch.kthvalue(flat, hi + 1).values if hi != lo else v_lo
+    return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
+def hard_loss(distance: torch.Tensor, q: float = 0.999) -> torch.Tensor:
+    """Mean of the squared errors at or above their q-quantile (EfficientAD's hard-feature loss)."""
+    d_hard = quantile(distance.detach(), q)
+    return distance[distance >= d_hard].mean()
+
+
+def normalize_map(m: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, scale: float = 0.1) -> torch.Tensor:
+    return scale * (m - q_a) / (q_b - q_a)
+
+
+def channel_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over (N, H, W) of raw teacher maps (N, C, H, W): EfficientAD's
+    teacher_normalization with equal-size images (mean of per-image means; sqrt of the mean squared deviation)."""
+    mean = features.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((features - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    return mean, var.sqrt()
+
+
+def color_augment(x: torch.Tensor, generator: torch.Generator, strength: float = 0.2) -> torch.Tensor:
+    """EfficientAD's AE augmentation, batched: per image one of brightness / contrast / saturation jitter with a
+    factor uniform in [1-s, 1+s], as torchvision's adjust_* on float images in [0, 1] (blend, then clamp)."""
+    b = x.shape[0]
+    op = torch.randint(0, 3, (b,), generator=generator).to(x.device)
+    f = (1 - strength + 2 * strength * torch.rand(b, generator=generator)).to(x.device).view(b, 1, 1, 1)
+    gray = (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    degenerate = torch.stack([torch.zeros_like(x),  # brightness
+                              gray.mean(dim=(1, 2, 3), keepdim=True).expand_as(x),  # contrast
+                              gray.expand_as(x)])  # saturation
+    deg = degenerate[op, torch.arange(b, device=x.device)]
+    return (f * x + (1 - f) * deg).clamp(0, 1)
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def imagenet_normalize(x01: torch.Tensor) -> torch.Tensor:
+    return (x01 - _MEAN.to(x01.device)) / _STD.to(x01.device)
+
+
+# ----------------------------------------------------------------------------------------------- networks
+
+class Teacher(nn.Module):
+    """Backbone layer2 + layer3 -> resize to out_size -> 3x3 avg pool -> frozen random 1x1 conv (seeded)."""
+
+    def __init__(self, extractor: FeatureExtractor | None, in_channels: int, channels: int, out_size: int,
+                 seed: int = 0):
+        super().__init__()
+        self.extractor = extractor
+        self.out_size = out_size
+        with torch.random.fork_rng(devices=[]):  # the projection depends on --seed only, not on call order
+            torch.manual_seed(seed)
+            self.proj = nn.Conv2d(in_channels, channels, 1)
+        self.proj.requires_grad_(False)
+
+    def from_features(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        size = (self.out_size, self.out_size)
+        maps = [F.interpolate(feats[k], size=size, mode="bilinear", align_corners=False) for k in TEACHER_LAYERS]
+        h = F.avg_pool2d(torch.cat(maps, 1), 3, stride=1, padding=1)
+        return self.proj(h)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_features(self.extractor(x))
+
+
+class LGSTModel(nn.Module):
+    """Teacher + local student + autoencoder, with the normalisation statistics as buffers."""
+
+    def __init__(self, extractor: FeatureExtractor | None, teacher_in_channels: int, cfg: LGSTConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.teacher = Teacher(extractor, teacher_in_channels, cfg.channels, cfg.out_size, seed)
+        self.student = LocalStudent(cfg.channels, cfg.student_width, cfg.padding, cfg.out_size)
+        self.autoencoder = AutoEncoder(cfg.channels, cfg.ae_base, cfg.input_size, cfg.out_size)
+        c = cfg.channels
+        self.register_buffer("teacher_mean", torch.zeros(1, c, 1, 1))
+        self.register_buffer("teacher_std", torch.ones(1, c, 1, 1))
+        # q_st_start, q_st_end, q_ae_start, q_ae_end; (0, 0.1) makes the normalisation the identity
+        self.register_buffer("quantiles", torch.tensor([0.0, 0.1, 0.0, 0.1]))
+
+    def teacher_normalized(self, x: torch.Tensor | None = None, feats: dict | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.teacher.from_features(feats) if feats is not None else self.teacher(x)
+            return (t - self.teacher_mean) / self.teacher_std
+
+    def raw_maps(self, x: torch.Tensor, feats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M_st, M_ae), each (B, h, w). `feats`: backbone maps already computed (the fused inference path)."""
+        t = self.teacher_normalized(x, feats)
+        s_st, s_ae = self.student(x)
+        ae = self.autoencoder(x)
+        return ((t - s_st) ** 2).mean(1), ((ae - s_ae) ** 2).mean(1)
+
+    def forward(self, x: torch.Tensor, feats: dict | None = None) -> torch.Tensor:
+        """The LGST map at the map size (B, h, w): the sum of the two normalised maps."""
+        m_st, m_ae = self.raw_maps(x, feats)
+        q = self.quantiles
+        s = self.cfg.map_scale
+        return normalize_map(m_st, q[0], q[1], s) + normalize_map(m_ae, q[2], q[3], s)
+
+    def anomaly_maps(self, x: torch.Tensor, feats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps upsampled to the input size and image scores (max of each map)."""
+        m = F.interpolate(self.forward(x, feats)[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return m, m.flatten(1).amax(1)
+
+    # checkpoints hold state dicts and tensors only (no pickled modules, no backbone weights)
+    def checkpoint(self, backbone: str, **extra) -> dict:
+        return {"config": asdict(self.cfg), "backbone": backbone, "teacher_in_channels": self.teacher.proj.in_channels,
+                "teacher_proj": self.teacher.proj.state_dict(), "student": self.student.state_dict(),
+                "autoencoder": self.autoencoder.state_dict(), "teacher_mean": self.teacher_mean,
+                "teacher_std": self.teacher_std, "q_st_start": self.quantiles[0], "q_st_end": self.quantiles[1],
+                "q_ae_start": self.quantiles[2], "q_ae_end": self.quantiles[3], **extra}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, extractor: FeatureExtractor | None) -> "LGSTModel":
+        model = cls(extractor, ckpt["teacher_in_channels"], LGSTConfig.from_dict(ckpt["config"]))
+        model.teacher.proj.load_state_dict(ckpt["teacher_proj"])
+        model.student.load_state_dict(ckpt["student"])
+        model.autoencoder.load_state_dict(ckpt["autoencoder"])
+        model.teacher_mean.copy_(ckpt["teacher_mean"])
+        model.teacher_std.copy_(ckpt["teacher_std"])
+        model.quantiles.copy_(torch.stack([ckpt[k] for k in ("q_st_start", "q_st_end", "q_ae_start", "q_ae_end")]))
+        return model
+
+
+def build_model(backbone: nn.Module, cfg: LGSTConfig, seed: int) -> LGSTModel:
+    extractor = FeatureExtractor(backbone, TEACHER_LAYERS)
+    in_ch = sum(extractor.feature_dims[k] for k in TEACHER_LAYERS)
+    return LGSTModel(extractor, in_ch, cfg, seed)
+
+
+def load_model(path: str | Path, backbone: nn.Module, device: torch.device | str = "cpu") -> tuple[LGSTModel, dict]:
+    ckpt = load_checkpoint(path, hint="train it with CSAD.py")
+    name = getattr(backbone, "backbone_name", ckpt["backbone"])
+    if name != ckpt["backbone"]:
+        raise ValueError(f"{path} was trained with backbone {ckpt['backbone']}, not {name}; pass --backbone {ckpt['backbone']}")
+    model = LGSTModel.from_checkpoint(ckpt, FeatureExtractor(backbone, TEACHER_LAYERS))
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def load_images(samples: Sequence[Sample], size: int, batch_size: int = 16, desc: str = "load") -> torch.Tensor:
+    """uint8 (N, 3, size, size): PIL bilinear resize, kept un-normalised so the colour augmentation can run
+    on the device."""
+    tf = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                    T.PILToTensor()])
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, tf), batch_size=batch_size, shuffle=False)
+    out = [x for x, _ in tqdm(loader, desc=desc, leave=False)]
+    if not out:
+        raise DatasetError(f"no images to load for '{desc}'")
+    return torch.cat(out)
+
+
+def to_input(x_uint8: torch.Tensor) -> torch.Tensor:
+    return imagenet_normalize(x_uint8.float() / 255.0)
+
+
+def find_penalty_images(folder: str | Path) -> list[Sample]:
+    folder = Path(folder)
+    fix = ("put natural images there (the official code uses tiny-imagenet train images), pass "
+           "--penalty-dir DIR, or --no-penalty to train without the penalty")
+    if not folder.is_dir():
+        raise DatasetError(f"penalty image folder not found: {folder}; {fix}")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in IMAGE_SUFFIXES)
+    if not paths:
+        raise DatasetError(f"no images in penalty folder {folder}; {fix}")
+    return [Sample(str(p), "penalty") for p in paths]
+
+
+def penalty_loader(samples: list[Sample], size: int, iterations: int, seed: int, workers: int = 0):
+    """One image per iteration: resize to 2*size, RandomGrayscale(0.3), centre crop, ImageNet normalisation
+    (the official 512 -> 256 transform at input 256)."""
+    tf = T.Compose([T.Resize((2 * size, 2 * size), antialias=True), T.RandomGrayscale(0.3), T.CenterCrop(size),
+                    T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    g = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(ImageDataset(samples, tf), replacement=True, num_samples=iterations,
+                                             generator=g)
+    return torch.utils.data.DataLoader(ImageDataset(samples, tf), batch_size=1, sampler=sampler,
+                                       num_workers=workers, generator=g, persistent_workers=workers > 0)
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator):
+    """Endless shuffled batches, reshuffled each epoch, incomplete last batch dropped."""
+    if n < batch_size:
+        raise DatasetError(f"{n} training images, fewer than the batch size {batch_size}")
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+@torch.no_grad()
+def teacher_features(model: LGSTModel, images: torch.Tensor, device, batch_size: int = 16,
+                     normalized: bool = False) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_input(images[i:i + batch_size].to(device))
+        out.append(model.teacher_normalized(x) if normalized else model.teacher(x))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict(model: LGSTModel, images: torch.Tensor, device, batch_size: int = 16, upsample: bool = True,
+            raw: bool = False):
+    """Batched inference over uint8 images. raw=True: (M_st, M_ae) at map size; else (maps, scores)."""
+    model.eval()
+    maps, scores, st, ae = [], [], [], []
+    for i in range(0, len(images), batch_size):
+        x = to_input(images[i:i + batch_size].to(device))
+        if raw:
+            a, b = model.raw_maps(x)
+            st.append(a)
+            ae.append(b)
+        elif upsample:
+            m, s = model.anomaly_maps(x)
+            maps.append(m.cpu())
+            scores.append(s.cpu())
+        else:
+            m = model(x)
+            maps.append(m.cpu())
+            scores.append(m.flatten(1).amax(1).cpu())
+    if raw:
+        return torch.cat(st), torch.cat(ae)
+    return torch.cat(maps), torch.cat(scores)
+
+
+@torch.no_grad()
+def fit_quantiles(model: LGSTModel, val_images: torch.Tensor, device, batch_size: int = 16) -> None:
+    """q0.9 / q0.995 of M_st and M_ae over all validation pixels at map size (EfficientAD map_normalization)."""
+    cfg = model.cfg
+    m_st, m_ae = predict(model, val_images, device, batch_size, raw=True)
+    q = []
+    for name, m in (("st", m_st), ("ae", m_ae)):
+        a, b = quantile(m, cfg.q_start), quantile(m, cfg.q_end)
+        if float(b - a) < 1e-6:
+            warnings.warn(f"LGST: validation quantiles of M_{name} coincide ({float(a):.3g}); map left unnormalised")
+            a, b = torch.zeros_like(a), torch.full_like(b, cfg.map_scale)
+        q += [a, b]
+    model.quantiles.copy_(torch.stack(q))
+
+
+def train(model: LGSTModel, train_images: torch.Tensor, val_images: torch.Tensor, device, seed: int = 0,
+          penalty: list[Sample] | None = None, workers: int = 0,
+          evaluate: Callable[[LGSTModel], float] | None = None, batch_size_infer: int = 16) -> dict:
+    """Train the students. Returns {"iteration", "selected": "final"|"test", "best_metric", "history"}.
+
+    evaluate: if given (official --select-on-test), called every eval_freq iterations after refreshing the
+    validation quantiles; the state with the highest value is restored at the end.
+    """
+    cfg = model.cfg
+    model.to(device)
+    if device.type == "cuda":
+        model.teacher.extractor.backbone.to(memory_format=torch.channels_last)
+    t0 = time.time()
+    # The teacher is frozen: features of the un-augmented training images are computed once.
+    raw = teacher_features(model, train_images, device, batch_size_infer)
+    mean, std = channel_stats(raw)
+    model.teacher_mean.copy_(mean)
+    model.teacher_std.copy_(std)
+    t_train = (raw - mean) / std
+    del raw
+    log.info("teacher features of %d training images (%s) in %.1fs", len(train_images), tuple(t_train.shape[1:]),
+             time.time() - t0)
+
+    params = list(model.student.parameters()) + list(model.autoencoder.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(cfg.lr_step_fraction * cfg.iterations)),
+                                            gamma=cfg.lr_gamma)
+    g = torch.Generator().manual_seed(seed)
+    batches = batch_indices(len(train_images), cfg.batch_size, g)
+    pen_iter = iter(penalty_loader(penalty, cfg.input_size, cfg.iterations, seed, workers)) if penalty else None
+    train_dev = train_images.to(device)
+
+    best = {"metric": -math.inf, "state": None, "iteration": cfg.iterations}
+    history = []
+    model.student.train()
+    model.autoencoder.train()
+    bar = tqdm(range(1, cfg.iterations + 1), desc="LGST", mininterval=2.0)
+    for it in bar:
+        idx = next(batches)
+        x01 = train_dev[idx].float() / 255.0
+        x = imagenet_normalize(x01)
+        x_aug = imagenet_normalize(color_augment(x01, g))
+        t = t_train[idx.to(device)]
+        t_aug = model.teacher_normalized(x_aug)
+        # One student pass over [x, x_aug, penalty]: the student has no batch statistics, so this equals
+        # separate passes.
+        parts = [x, x_aug]
+        if pen_iter is not None:
+            parts.append(next(pen_iter)[0].to(device))
+        s_st, s_ae = model.student(torch.cat(parts))
+        b = len(idx)
+        loss_hard = hard_loss((t - s_st[:b]) ** 2, cfg.hard_quantile)
+        loss_pen = (s_st[2 * b:] ** 2).mean() if pen_iter is not None else torch.zeros((), device=device)
+        ae = model.autoencoder(x_aug)
+        loss_ae = ((t_aug - ae) ** 2).mean()
+        loss_stae = ((ae - s_ae[b:2 * b]) ** 2).mean()  # not detached: gradients reach the AE too (official)
+        loss = cfg.weight_st * (loss_hard + loss_pen) + cfg.weight_ae * loss_ae + cfg.weight_stae * loss_stae
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"LGST loss is {loss.item()} at iteration {it}; lower --lr or check the data")
+        if it % 50 == 0 or it == cfg.iterations:
+            bar.set_postfix(loss=f"{loss.item():.4f}", hard=f"{loss_hard.item():.4f}", ae=f"{loss_ae.item():.4f}")
+        if evaluate is not None and (it % cfg.eval_freq == 0 or it == cfg.iterations):
+            fit_quantiles(model, val_images, device, batch_size_infer)
+            metric = float(evaluate(model))
+            history.append((it, metric))
+            log.info("iteration %d: test metric %.3f", it, metric)
+            if metric > best["metric"]:
+                best = {"metric": metric, "iteration": it, "state": copy.deepcopy(
+                    {"student": model.student.state_dict(), "autoencoder": model.autoencoder.state_dict()})}
+            model.student.train()
+            model.autoencoder.train()
+    model.eval()
+    if best["state"] is not None:
+        model.student.load_state_dict(best["state"]["student"])
+        model.autoencoder.load_state_dict(best["state"]["autoencoder"])
+    fit_quantiles(model, val_images, device, batch_size_infer)
+    log.info("trained %d iterations in %.1fs", cfg.iterations, time.time() - t0)
+    return {"iteration": best["iteration"], "selected": "test" if evaluate is not None else "final",
+            "best_metric": best["metric"] if evaluate is not None else None, "history": history}
+
+
+def save(model: LGSTModel, path: str | Path, backbone: str, **extra) -> None:
+    save_checkpoint(path, model.checkpoint(backbone, **extra))
+
+
+# ----------------------------------------------------------------------------------------------- speed
+
+@torch.no_grad()
+def benchmark_latency(model: LGSTModel, device, input_size: int, warmup: int = 5, runs: int = 20,
+                      forward: Callable | None = None) -> dict:
+    """Batch-1 latency of the whole LGST inference (backbone, teacher, students, normalisation, upsampling,
+    max) after warm-up, in ms per image."""
+    model.eval().to(device)
+    forward = forward or (lambda x: model.anomaly_maps(x)[1])
+    x = torch.randn(1, 3, input_size, input_size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        forward(x)
+    sync()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        forward(x)
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    times = np.asarray(times)
+    return {"ms_mean": float(times.mean()), "ms_median": float(np.median(times)), "runs": runs, "warmup": warmup,
+            "input_size": input_size, "device": str(device), "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------- one category
+
+def group_aurocs(scores: np.ndarray, data) -> dict[str, float]:
+    """Image AUROC x 100 per test score group (logi / struc, or test), for logging and --select-on-test."""
+    from sklearn.metrics import roc_auc_score
+
+    from evaluation.score_files import scores_for_samples
+
+    out = {}
+    for g, s in scores_for_samples(np.asarray(scores), data.test, data).items():
+        labels = [x.label for x in data.score_groups()[g]]
+        if len(set(labels)) == 2:
+            out[g] = 100.0 * roc_auc_score(labels, s)
+    return out
+
+
+def checkpoint_path(ckpt_dir: str | Path, category: str) -> Path:
+    return Path(ckpt_dir) / f"best_{category.replace('/', '__')}.pth"
+
+
+def run_category(data, backbone: nn.Module, cfg: LGSTConfig, device, seed: int = 0,
+                 score_dir: str | Path = "anomaly_score", ckpt_dir: str | Path = "ckpt",
+                 penalty: list[Sample] | None = None, select_on_test: bool = False, save_maps: bool = True,
+                 workers: int = 0, batch_size_infer: int = 16) -> dict:
+    """Train LGST on one category, write best_{category}.pth, the LGST score files and the TIFF maps."""
+    from common import seed_everything
+    from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
+
+    seed_everything(seed)
+    model = build_model(backbone, cfg, seed)
+    train_samples, val_samples = list(data.train), list(data.validation)
+    if not val_samples:  # MVTec AD-style data: EfficientAD holds out 10 % of train for the map quantiles
+        perm = torch.randperm(len(train_samples), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = max(1, len(train_samples) // 10)
+        val_samples = [train_samples[i] for i in sorted(perm[:n_val])]
+        train_samples = [train_samples[i] for i in sorted(perm[n_val:])]
+        log.info("%s: no validation split, %d training images held out for the map quantiles", data.category, n_val)
+    s = cfg.input_size
+    train_images = load_images(train_samples, s, desc="train images")
+    val_images = load_images(val_samples, s, desc="validation images")
+    test_images = load_images(data.test, s, desc="test images")
+
+    evaluate = None
+    if select_on_test:  # official behaviour: model selection on the test AUROC
+        def evaluate(m: LGSTModel) -> float:
+            return float(np.mean(list(group_aurocs(predict(m, test_images, device, batch_size_infer)[1].numpy(),
+                                                   data).values())))
+    info = train(model, train_images, val_images, device, seed, penalty, workers, evaluate, batch_size_infer)
+    ckpt = checkpoint_path(ckpt_dir, data.category)
+    save(model, ckpt, getattr(backbone, "backbone_name", "unknown"), iteration=info["iteration"],
+         selected=info["selected"], seed=seed, category=data.category)
+    log.info("%s: checkpoint written to %s", data.category, ckpt)
+
+    maps, scores = predict(model, test_images, device, batch_size_infer)
+    groups = scores_for_samples(scores.numpy(), data.test, data)
+    if data.validation:
+        groups["val"] = predict(model, val_images, device, batch_size_infer)[1].numpy()
+    paths = save_group_scores(data, METHOD, groups, score_dir)
+    log.info("%s: score files %s", data.category, ", ".join(p.name for p in paths))
+    if save_maps:
+        save_anomaly_maps(METHOD, data.category, data.test, maps.numpy(), score_dir)
+        log.info("%s: %d anomaly maps under %s/anomaly_maps/%s/%s", data.category, len(data.test), score_dir, METHOD,
+                 data.category)
+    aurocs = group_aurocs(scores.numpy(), data)
+    return {"category": data.category, "auroc": aurocs, "checkpoint": str(ckpt), **info}
