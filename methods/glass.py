@@ -388,9 +388,10 @@ def predict(model: Glass, samples: Sequence[Sample], cfg: GlassConfig, resize: i
                 w, h = image_size(sm.path)
                 save_anomaly_maps(METHOD, category, [sm], uncrop_map(m, w, h, resize, cfg.imagesize)[None], score_dir)
     out = {"scores": torch.cat(scores).numpy().astype(np.float64)}
-    if not np.isfinite(out["scores"]).all():
-        raise FloatingPointError(f"GLASS produced non-finite scores on {samples[0].path} ...; the training diverged "
-                                 "(lower --lr) or the checkpoint is corrupt")
+    bad = np.flatnonzero(~np.isfinite(out["scores"]))
+    if len(bad):
+        raise FloatingPointError(f"GLASS produced a non-finite score for {samples[bad[0]].path} ({len(bad)} images); "
+                                 "the training diverged (lower --lr) or the checkpoint is corrupt")
     if gt:
         out["pixel_auroc"] = _auroc(np.concatenate(pix_l), np.concatenate(pix_s))
     return out
