@@ -82,9 +82,9 @@ def crop_counts(level: int, crops: Sequence[int] | None = None) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- preprocessing
 def aspect_size(width: int, height: int, canvas: int) -> tuple[int, int]:
-    """(H, W) with the long side = canvas, truncated like the official int() cast."""
-    s = canvas / max(width, height)
-    return max(1, int(height * s)), max(1, int(width * s))
+    """(H, W) with the long side = canvas, the short side truncated (spec §2 sizes)."""
+    long = max(width, height)  # integer arithmetic: the long side is exactly `canvas`
+    return max(1, height * canvas // long), max(1, width * canvas // long)
 
 
 class CanvasTransform:
