@@ -61,11 +61,11 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     set_threads()
     from dataset_readers import read_category
-    from methods.csad.segmentor import make_config, run_category
+    from methods.csad.segmentor import Encoder, make_config, run_category
     from models.backbones import load_backbone
 
     device = pick_device(args.device)
-    backbone = load_backbone(args.backbone, args.weights).to(device)
+    encoder = Encoder(load_backbone(args.backbone, args.weights), device)
     results = []
     for category in resolve_categories(args):
         seed_everything(args.seed)
@@ -77,7 +77,7 @@ def main(argv=None) -> list[dict]:
                           official_lsa=args.official_lsa)
         log.info("%s: training the segmentor on %s (%s labels in %s)", category, device, args.labels,
                  Path(args.masks_root) / category)
-        results.append(run_category(data, backbone, args.backbone, device, cfg, args.masks_root, args.ckpt_dir,
+        results.append(run_category(data, encoder, args.backbone, cfg, args.masks_root, args.ckpt_dir,
                                     args.score_dir, seed=args.seed))
     for r in results:
         log.info("%s: K+1=%d, %d sup / %d unsup, %.2f s/epoch, inference %.1f img/s, final loss %.4f", r["category"],

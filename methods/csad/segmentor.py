@@ -54,7 +54,7 @@ class SegmentorConfig:
     eval_batch: int = 16
 
 
-FAST_OVERRIDES = dict(resolution=128, epochs=12, sup_only_epochs=6, lsa_points=2000, lsa_attempts=100)
+FAST_OVERRIDES = dict(resolution=64, epochs=12, sup_only_epochs=6, lsa_points=2000, lsa_attempts=100)
 CATEGORY_OVERRIDES = {
     "breakfast_box": dict(fill_holes=True),
     "juice_bottle": dict(fill_holes=True),
@@ -388,7 +388,9 @@ def train_segmentor(ts: TrainingSet, encoder: Encoder, cfg: SegmentorConfig, see
     gen = torch.Generator().manual_seed(seed)
     lsa = LabeledLSA(cfg, rng)
     model = Segmentor(ts.num_classes, encoder.channels).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: same Adam update, one kernel instead of a Python loop over parameters (40x faster on CPU)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           fused=dev.type in ("cpu", "cuda"))
     # Frozen encoder: un-augmented features never change, so every training image is encoded once.
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -493,9 +495,10 @@ def write_test_segmentation(category: str, masks_root, samples: list[Sample], ma
 
 # --- one category, end to end ------------------------------------------------------------------------------------
 
-def run_category(data: CategoryData, backbone: torch.nn.Module, backbone_name: str, device: torch.device,
-                 cfg: SegmentorConfig, masks_root, ckpt_dir, score_dir, seed: int = 42) -> dict:
-    """Train, save the checkpoint, segment the test set, write the patchhist score files and params."""
+def run_category(data: CategoryData, encoder: Encoder, backbone_name: str, cfg: SegmentorConfig, masks_root,
+                 ckpt_dir, score_dir, seed: int = 42) -> dict:
+    """Train, save the checkpoint, segment the test set, write the patchhist score files and params.
+    One Encoder serves all categories (its hooks live on the shared backbone)."""
     from evaluation.score_files import save_group_scores, scores_for_samples
     from methods.csad.patch_histogram import METHOD, params_path
     from models.segmentor import save_segmentor, segmentor_path
@@ -504,7 +507,6 @@ def run_category(data: CategoryData, backbone: torch.nn.Module, backbone_name: s
     ts = build_training_set(data, masks_root, cfg)
     log.info("%s: %d supervised + %d unsupervised training images, %d classes, %dx%d, %d epochs", cat, len(ts.sup),
              len(ts.unsup), ts.num_classes, r, r, cfg.epochs)
-    encoder = Encoder(backbone, device)
     res = train_segmentor(ts, encoder, cfg, seed=seed, desc=f"{cat} segmentor")
     ckpt = segmentor_path(ckpt_dir, cat, r)
     save_segmentor(ckpt, res.model, backbone_name, r, epochs=cfg.epochs)

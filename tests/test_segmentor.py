@@ -1,0 +1,296 @@
+"""CSAD stage 2: segmentor head, losses, hole filling, LSA, Patch Histogram and the train_segmentor.py run."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from methods.csad.patch_histogram import PatchHistogram, class_histograms, fit_gaussian, mahalanobis
+from methods.csad.segmentor import (LabeledLSA, SegmentorConfig, ce_loss, dice_loss, entropy_loss, fill_holes_by_class,
+                                    find_components, focal_loss, histogram_loss, light_augment)
+from models.segmentor import Segmentor, load_segmentor, save_segmentor
+
+
+# --- Patch Histogram -------------------------------------------------------------------------------------------
+
+def test_mahalanobis_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    train = rng.random((40, 6))
+    train[:, 0] = 0  # constant background bin: zero variance, the pseudo-inverse must ignore it
+    train[:, 5] = 1 - train[:, 1]  # linearly dependent bin: singular covariance
+    test = rng.random((7, 6))
+    mean, inv = fit_gaussian(train)
+    ref_cov = np.cov(train.T)  # N-1 normalisation
+    np.testing.assert_allclose(mean, train.mean(0))
+    np.testing.assert_allclose(inv, np.linalg.pinv(ref_cov), atol=1e-10)
+    ref = [np.sqrt((x - mean) @ np.linalg.pinv(ref_cov) @ (x - mean)) for x in test]
+    np.testing.assert_allclose(mahalanobis(test, mean, inv), ref, rtol=1e-10)
+    # full-rank case against scipy
+    from scipy.spatial.distance import mahalanobis as sp_maha
+    full = rng.normal(size=(50, 3))
+    m, s = fit_gaussian(full)
+    np.testing.assert_allclose(mahalanobis(full[:4], m, s), [sp_maha(x, m, np.linalg.inv(np.cov(full.T))) for x in full[:4]],
+                               rtol=1e-8)
+
+
+def test_quadrant_order_is_column_major():
+    # classes 1..4 fill top-left, top-right, bottom-left, bottom-right quadrants of an 8x8 map
+    m = torch.zeros(1, 8, 8, dtype=torch.long)
+    m[0, :4, :4], m[0, :4, 4:], m[0, 4:, :4], m[0, 4:, 4:] = 1, 2, 3, 4
+    m[0, 0, 0] = 0  # one background pixel in the top-left quadrant
+    h = class_histograms(m, 5, grid=2, keep_background=True).reshape(4, 5)
+    # pinned order: top-left, bottom-left, top-right, bottom-right
+    expected = torch.zeros(4, 5)
+    expected[0, 0], expected[0, 1] = 1 / 16, 15 / 16
+    expected[1, 3] = expected[2, 2] = expected[3, 4] = 1.0
+    torch.testing.assert_close(h, expected)
+    g = class_histograms(m, 5, grid=1)  # background bin zeroed by default
+    torch.testing.assert_close(g, torch.tensor([[0, 15 / 64, 16 / 64, 16 / 64, 16 / 64]]))
+
+
+def test_class_histograms_match_numpy_loops():
+    rng = np.random.default_rng(1)
+    maps = rng.integers(0, 4, size=(3, 6, 6))
+    got = class_histograms(torch.from_numpy(maps), 4, grid=2, keep_background=True).numpy()
+    for b in range(3):
+        ref = []
+        for x0 in (0, 3):  # column-major: x offset outer, y offset inner
+            for y0 in (0, 3):
+                cell = maps[b, y0:y0 + 3, x0:x0 + 3]
+                ref += [np.mean(cell == c) for c in range(4)]
+        np.testing.assert_allclose(got[b], ref, rtol=1e-6)
+
+
+def test_patch_histogram_normalisation_and_roundtrip(tmp_path):
+    rng = np.random.default_rng(2)
+    base = np.zeros((30, 8, 8), np.int64)
+    base[:, 2:6, 2:6] = 1
+    for i in range(30):  # normal variation: a few pixels of class 2
+        base[i, rng.integers(0, 8, 3), rng.integers(0, 8, 3)] = 2
+    train, val = torch.from_numpy(base[:20]), torch.from_numpy(base[20:])
+    ph = PatchHistogram(3).fit(train)
+    val_score = ph.set_validation(val)
+    dg, dp = ph.distances(val)
+    from evaluation.fusion import trimmed_z_normalize
+    np.testing.assert_allclose(val_score, trimmed_z_normalize(dg, dg) + trimmed_z_normalize(dp, dp))
+    odd = base[20:21].copy()
+    odd[0, 2:6, 2:6] = 2  # component of the wrong class
+    assert ph.score(torch.from_numpy(odd))[0] > val_score.max()
+    ph.save(tmp_path / "p.npz")
+    again = PatchHistogram.load(tmp_path / "p.npz")
+    np.testing.assert_allclose(again.score(val), ph.score(val))
+    with np.load(tmp_path / "p.npz") as z:
+        assert {"hist_mean", "hist_invcov", "patch_hist_mean", "patch_hist_invcov", "hist_val_score",
+                "patch_hist_val_score"} <= set(z.files)
+
+
+# --- losses ------------------------------------------------------------------------------------------------------
+
+def _probs_2x2():
+    # B=1, C=2, 1x2 image: pixel 0 p=(0.8, 0.2) label 0; pixel 1 p=(0.4, 0.6) label 1
+    p = torch.tensor([[[[0.8, 0.4]], [[0.2, 0.6]]]])
+    t = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    return p, t
+
+
+def test_histogram_loss_hand_computed():
+    p, _ = _probs_2x2()
+    # mean probs: (0.6, 0.4); target (0.5, 0.5): background excluded -> |0.4 - 0.5| / batch 1
+    assert histogram_loss(p, torch.tensor([[0.5, 0.5]])).item() == pytest.approx(0.1)
+    p2 = torch.cat([p, p])
+    assert histogram_loss(p2, torch.tensor([[0.5, 0.5], [0.0, 1.0]])).item() == pytest.approx((0.1 + 0.6) / 2)
+
+
+def test_dice_loss_hand_computed():
+    p, t = _probs_2x2()
+    s = 1e-5
+    d0 = (2 * 0.8 + s) / (1.2 + 1 + 2 * s)
+    d1 = (2 * 0.6 + s) / (0.8 + 1 + 2 * s)
+    w = np.array([1 / (1 + 1e-5), 1 / (1 + 1e-5)])
+    w = w / w.sum()
+    assert dice_loss(p, t).item() == pytest.approx((w[0] * (1 - d0) + w[1] * (1 - d1)) / 2, rel=1e-6)
+    # class weights: a rare class weighs more (areas 3 and 1 -> weights 1/4 and 3/4)
+    p3 = torch.full((1, 2, 1, 4), 0.5)
+    t3 = torch.tensor([[[[1.0, 1, 1, 0]], [[0.0, 0, 0, 1]]]])
+    d0, d1 = (2 * 1.5 + s) / (2 + 3 + 2 * s), (2 * 0.5 + s) / (2 + 1 + 2 * s)
+    assert dice_loss(p3, t3).item() == pytest.approx((0.25 * (1 - d0) + 0.75 * (1 - d1)) / 2, rel=1e-4)
+
+
+def test_focal_entropy_and_ce_hand_computed():
+    p, t = _probs_2x2()
+    pt = np.array([0.8, 0.6]) * (1 - 1e-5) + np.array([0.2, 0.4]) * 1e-5 + 1e-5
+    assert focal_loss(p, t).item() == pytest.approx(np.mean(-(1 - pt) ** 2 * np.log(pt)), rel=1e-5)
+    ent = -np.array([0.8, 0.4, 0.2, 0.6]) * np.log(np.array([0.8, 0.4, 0.2, 0.6]) + 1e-5)
+    assert entropy_loss(p).item() == pytest.approx(ent.mean(), rel=1e-6)
+    logits = torch.randn(2, 3, 4, 5)
+    labels = torch.randint(0, 3, (2, 4, 5))
+    onehot = F.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    official = torch.nn.CrossEntropyLoss()(logits.softmax(1), onehot)  # the double softmax of the official code
+    assert ce_loss(logits, onehot).item() == pytest.approx(official.item(), rel=1e-6)
+    assert ce_loss(logits, onehot, on_logits=True).item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+# --- labels and LSA ---------------------------------------------------------------------------------------------
+
+def test_fill_holes_keeps_class_ids_and_official_permutes():
+    lab = np.zeros((40, 40), np.uint8)
+    lab[2:30, 2:30] = 3  # large ring of class 3 with a hole
+    lab[10:20, 10:20] = 0
+    lab[12:15, 12:15] = 2  # small class 2 inside the hole (9 px, below the official 100 px list limit)
+    lab[32:39, 2:38] = 1  # medium class 1
+    fixed = fill_holes_by_class(lab)
+    assert (fixed[lab > 0] == lab[lab > 0]).all()  # labelled pixels keep their ids
+    hole = (lab == 0)
+    hole[:, :] = False
+    hole[10:20, 10:20] = True
+    assert (fixed[hole & (lab == 0)] == 3).all()  # the background hole is filled with its class
+    assert set(np.unique(fixed)) == {0, 1, 2, 3}
+    lab2 = np.zeros((40, 40), np.uint8)  # three classes whose area order is a 3-cycle of the id order
+    lab2[0:20, 0:20] = 3
+    lab2[25:35, 0:15] = 2
+    lab2[25:35, 20:31] = 1
+    lab2[36:40, 0:40] = 1  # areas: class 3 400 > class 1 270 > class 2 150
+    official = fill_holes_by_class(lab2, official=True)
+    assert (fill_holes_by_class(lab2) == lab2).all()
+    # official re-merge: inverted un-mapping of the 3-cycle sends 3 -> 2, 1 -> 3, 2 -> 1
+    for src, dst in ((3, 2), (1, 3), (2, 1)):
+        assert (official[lab2 == src] == dst).all()
+    assert set(np.unique(official)) == {0, 1, 2, 3}
+
+
+def _lsa_scene():
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[8:56, 8:56] = (90, 90, 90)
+    lab = np.zeros((64, 64), np.uint8)
+    lab[8:56, 8:56] = 1
+    img[12:20, 12:20] = (250, 10, 10)
+    lab[12:20, 12:20] = 2
+    return img, lab
+
+
+def test_lsa_pastes_a_labelled_copy():
+    img, lab = _lsa_scene()
+    comps = find_components(lab, (lab == 2).astype(np.uint8))
+    assert len(comps) == 1 and comps[0].area == 64
+    background = np.zeros((64, 64), bool)
+    background[:8], background[56:], background[:, :8], background[:, 56:] = True, True, True, True
+    cfg = SegmentorConfig(lsa_points=2000, lsa_attempts=200)
+    out_img, out_lab, pasted = LabeledLSA(cfg, np.random.default_rng(0))(img, lab, comps, background)
+    assert pasted == 1
+    assert (out_lab[12:20, 12:20] == 2).all()  # the original stays in place
+    new = (out_lab == 2) & (lab != 2)
+    assert new.sum() > 30  # a displaced, rotated copy
+    assert (out_img[new][:, 0] > 150).mean() > 0.9  # with the component's pixels
+    assert (background & new).sum() / new.sum() < 0.5  # mandatory paste: mostly off the background
+    assert (out_lab == lab).sum() + new.sum() == lab.size  # nothing else changed
+
+
+def test_lsa_pastes_only_at_accepted_locations_unless_official():
+    img, lab = _lsa_scene()
+    comps = find_components(lab, (lab == 2).astype(np.uint8))
+    everywhere = np.ones((64, 64), bool)  # no location can be accepted
+    cfg = SegmentorConfig(lsa_points=500, lsa_attempts=30, max_aug_num=1)
+    _, out, pasted = LabeledLSA(cfg, np.random.default_rng(0))(img, lab, comps, everywhere)
+    assert pasted == 0 and (out == lab).all()
+    cfg_off = SegmentorConfig(lsa_points=500, lsa_attempts=30, max_aug_num=1, official_lsa=True)
+    _, out, pasted = LabeledLSA(cfg_off, np.random.default_rng(0))(img, lab, comps, everywhere)
+    assert pasted == 1 and (out == 2).sum() > 64
+
+
+def test_light_augment_keeps_labels_aligned():
+    x = torch.zeros(6, 3, 32, 32)
+    y = torch.zeros(6, 32, 32, dtype=torch.long)
+    x[:, :, 10:20, 10:20], y[:, 10:20, 10:20] = 1.0, 1
+    xa, ya = light_augment(x, y, torch.Generator().manual_seed(0))
+    assert ya.dtype == torch.long and set(ya.unique().tolist()) <= {0, 1}
+    inside = ya == 1
+    assert (xa.mean(1)[inside] > 0.5).float().mean() > 0.97  # labelled pixels still sit on the bright square
+    assert abs(int(inside.sum()) - 600) < 60  # small shift/scale/rotation only
+
+
+# --- network and checkpoint -------------------------------------------------------------------------------------
+
+def test_segmentor_head_size_and_checkpoint_roundtrip(tmp_path):
+    m = Segmentor(5, (256, 1024))
+    n = sum(p.numel() for p in m.parameters())
+    assert n == 9_236_576 + 257 * 5  # the spec's 9.24 M head parameters + 257 per class
+    small = Segmentor(3, (24, 112))
+    feats = {"layer1": torch.randn(2, 24, 16, 16), "layer3": torch.randn(2, 112, 4, 4)}
+    small.train()
+    small(feats, 64)  # one training step's statistics (momentum 0.999: running stats ~ the last batch)
+    small.eval()
+    out = small(feats, 64)
+    assert out.shape == (2, 3, 64, 64)
+    path = tmp_path / "segmentor_x_64.pth"
+    save_segmentor(path, small, "efficientnet_lite0", 64)
+    loaded = load_segmentor(path)
+    assert loaded.ckpt_config == {"num_classes": 3, "in_channels": [24, 112], "backbone": "efficientnet_lite0",
+                                  "resolution": 64, "layers": ["layer1", "layer3"]}
+    torch.testing.assert_close(loaded(feats, 64), out)
+    with pytest.raises(FileNotFoundError, match="segmentor_missing"):
+        load_segmentor(tmp_path / "segmentor_missing.pth")
+
+
+# --- end to end on the synthetic dataset -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synth_with_maps(tmp_path_factory):
+    from dataset_readers.synthetic_loco import generate
+
+    root = tmp_path_factory.mktemp("synth_maps")
+    generate(root, size=128, n_train=24, n_val=8, n_test=10, seed=0, categories=["synth_box"], component_maps=True)
+    return root
+
+
+def test_missing_pseudo_labels_is_a_clear_error(synth_with_maps, tmp_path, lite0_weights):
+    import train_segmentor
+    from methods.csad.label_layout import LayoutError
+
+    with pytest.raises(LayoutError, match=str(tmp_path / "none" / "synth_box")):
+        train_segmentor.main(["--dataset", "synthetic_loco", "--data-root", str(synth_with_maps), "--fast",
+                              "--categories", "synth_box", "--backbone", "efficientnet_lite0", "--weights",
+                              str(lite0_weights), "--masks-root", str(tmp_path / "none"), "--score-dir",
+                              str(tmp_path / "s"), "--ckpt-dir", str(tmp_path / "c")])
+
+
+def test_fast_run_separates_wrong_count_and_colour(synth_with_maps, tmp_path, lite0_weights):
+    import train_segmentor
+    from dataset_readers import load_mask, read_category
+    from evaluation.score_files import load_scores
+    from methods.csad.patch_histogram import params_path
+    from methods.csad.segmentor import Encoder, predict_samples
+    from models.backbones import load_backbone
+
+    masks, scores, ckpt = tmp_path / "masks", tmp_path / "scores", tmp_path / "ckpt"
+    (res,) = train_segmentor.main(["--dataset", "synthetic_loco", "--data-root", str(synth_with_maps), "--fast",
+                                   "--categories", "synth_box", "--backbone", "efficientnet_lite0", "--weights",
+                                   str(lite0_weights), "--labels", "component-maps", "--masks-root", str(masks),
+                                   "--score-dir", str(scores), "--ckpt-dir", str(ckpt)])
+    assert res["num_classes"] == 5 and res["sup"] == 12 and res["unsup"] == 12
+    data = read_category("synthetic_loco", "synth_box", synth_with_maps)
+    groups = data.score_groups()
+    logi = load_scores("synth_box", "patchhist", "logi", groups["logi"], scores)  # order verified
+    load_scores("synth_box", "patchhist", "struc", groups["struc"], scores)
+    val = load_scores("synth_box", "patchhist", "val", groups["val"], scores)
+    assert len(list((masks / "synth_box" / "test_seg_output").glob("*.png"))) == len(data.test)
+    # the trimmed-z validation scores are centred
+    assert abs(np.median(val)) < 1.0
+
+    names = {e["pixel_value"]: e["defect_name"] for e in data.defects_config}
+    kinds = [{names[int(load_mask(m).max())] for m in s.mask_paths} for s in groups["logi"]]
+    sel = np.array([not k or bool(k & {"wrong_count", "wrong_colour"}) for k in kinds])
+    y = np.array([s.label for s in groups["logi"]])
+    assert 0 < y[sel].sum() < sel.sum()
+    auc = roc_auc_score(y[sel], logi[sel])
+    # measured 0.93 (seed 42, 12 epochs at 64 px, EfficientNet-Lite0); chance is 0.5
+    assert auc >= 0.75, auc
+    assert roc_auc_score(y, logi) >= 0.7
+
+    # the saved checkpoint and params reproduce the saved scores
+    seg = load_segmentor(ckpt / "segmentor_synth_box_64.pth")
+    enc = Encoder(load_backbone("efficientnet_lite0", lite0_weights), torch.device("cpu"))
+    maps, _ = predict_samples(seg, enc, groups["logi"], 64, 16)
+    ph = PatchHistogram.load(params_path(scores, "synth_box"))
+    np.testing.assert_allclose(ph.score(maps), logi, rtol=1e-6, atol=1e-6)
