@@ -94,7 +94,10 @@ def main(argv=None) -> list[dict]:
             root, c, args.masks_root, good_fraction=args.good_fraction, overwrite=args.overwrite))}
             for c in categories]
 
-    configs = {c: load_config(c, args.config) for c in categories}  # fail early on an unknown category
+    try:
+        configs = {c: load_config(c, args.config) for c in categories}  # fail early on an unknown category
+    except PseudoLabelError as exc:
+        raise SystemExit(f"pseudo_label.py: {exc}") from None
     device = pick_device(args.device)
     grounding_ckpt = args.grounding_ckpt or ("tiny" if args.fast else None)
     sam_ckpt = args.sam_ckpt or ("tiny" if args.fast else None)

@@ -19,7 +19,7 @@ SAM_FILES = {
     "vit_tiny": "sam_hq_vit_tiny.pth",
 }
 RANDOM = "random"        # the named architecture with random weights (shape tests)
-TINY_RANDOM = "tiny"     # a small ViT HQ-SAM at 256 px with random weights (--fast, tests)
+TINY_RANDOM = "tiny"     # a small ViT HQ-SAM at 128 px with random weights (--fast, tests)
 
 
 def sam_checkpoint_path(model_type: str, ckpt_dir: str | os.PathLike | None = None) -> Path:
@@ -59,8 +59,8 @@ def load_sam(model_type: str = "vit_h", checkpoint: str | os.PathLike | None = N
     return sam.to(device).eval().requires_grad_(False)
 
 
-def build_tiny_sam(image_size: int = 256, embed_dim: int = 64, depth: int = 2, seed: int = 0):
-    """HQ-SAM with the vit_h code path (ImageEncoderViT + MaskDecoderHQ) but a 2-block, 64-dim encoder at
+def build_tiny_sam(image_size: int = 128, embed_dim: int = 64, depth: int = 2, seed: int = 0):
+    """HQ-SAM with the vit_h code path (ImageEncoderViT + MaskDecoderHQ) but a 2-block, 64-dim encoder at (default 128)
     `image_size` px, random weights. Masks are meaningless; shapes, prompts and post-processing are real."""
     from segment_anything_hq.modeling import ImageEncoderViT, MaskDecoderHQ, PromptEncoder, Sam, TwoWayTransformer
 
