@@ -81,13 +81,14 @@ def main(argv=None) -> dict:
     cfg = make_config(args)
     device = pick_device(args.device)
     units = units_for(args)
-    extractor = None
-    if not args.ensemble_only and any(lv != PIXEL_LEVEL for lv, _ in units):
+    extractors = {}
+    if not args.ensemble_only:
         from models.backbones import load_backbone
         from models.feature_extractor import FeatureExtractor
 
-        layers = sorted({DEEP_LAYERS[lv] for lv, _ in units if lv != PIXEL_LEVEL})
-        extractor = FeatureExtractor(load_backbone(args.backbone, args.weights), layers).to(device)
+        # one backbone per deep level, so level 14 stops after layer3 instead of running to layer4
+        for lv in sorted({lv for lv, _ in units if lv != PIXEL_LEVEL}):
+            extractors[lv] = FeatureExtractor(load_backbone(args.backbone, args.weights), [DEEP_LAYERS[lv]]).to(device)
     log.info("SINBAD on %s (%s), levels %s, crops %s, %s; unit files under %s", args.dataset, device, args.levels,
              args.crops, "fast" if args.fast else "full size", work_dir(args.score_dir))
     results, bench = {}, {}
@@ -98,7 +99,7 @@ def main(argv=None) -> dict:
         for lv, n_crops in units:
             path = unit_path(args.score_dir, category, lv, n_crops)
             if not args.ensemble_only:
-                res = run_unit(data, lv, n_crops, cfg, extractor, device, log)
+                res = run_unit(data, lv, n_crops, cfg, extractors.get(lv), device, log)
                 save_unit(path, res, data, cfg, {"level": lv, "crops": n_crops, "dataset": args.dataset,
                                                  "backbone": args.backbone, "category": category})
                 bench[f"{category}/L{lv}_c{n_crops}"] = res["timing"]

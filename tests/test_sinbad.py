@@ -217,8 +217,28 @@ def _juice_subset(juice_root: Path, dst: Path, n_train: int, n_logical: int) -> 
 
 
 def test_juice_bottle_real_weights(juice_root, lite0_weights, tmp_path):
-    root = _juice_subset(juice_root, tmp_path / "data", n_train=40, n_logical=24)
+    root = _juice_subset(juice_root, tmp_path / "data", n_train=32, n_logical=20)
     res = _run(["--dataset", "mvtec_loco", "--data-root", str(root), "--categories", "juice_bottle", "--fast",
                 "--backbone", "efficientnet_lite0", "--weights", str(lite0_weights), "--score-dir",
                 str(tmp_path / "s"), "--levels", "14", "--crops", "1"])["juice_bottle"]
     assert res["sinbad_L14"]["logi"] >= 0.9, res  # measured 1.000 on this subset
+
+
+def test_official_thresholds_flag_and_mixed_units(synthetic_root, tmp_path):
+    """--official-thresholds re-fits on each split (other scores); units of mixed settings are refused."""
+    base = ["--dataset", "synthetic_loco", "--data-root", str(synthetic_root), "--fast", "--categories", "synth_box",
+            "--levels", "224", "--pixel-reps", "1"]
+    _run(base + ["--score-dir", str(tmp_path / "a")])
+    _run(base + ["--score-dir", str(tmp_path / "b"), "--official-thresholds"])
+    groups = read_category("synthetic_loco", "synth_box", synthetic_root).score_groups()
+    a, b = (load_scores("synth_box", "sinbad_L224", "logi", groups["logi"], tmp_path / d) for d in "ab")
+    assert not np.allclose(a, b)
+    import json
+    with np.load(tmp_path / "b" / "sinbad_units" / "synth_box" / "L224_c1.npz") as z:
+        assert json.loads(str(z["info"]))["config"]["official_thresholds"] is True
+    # a level-14 unit from a default run next to the official level-224 unit must not be ensembled
+    (tmp_path / "b" / "sinbad_units" / "synth_box" / "L14_c1.npz").write_bytes(
+        (tmp_path / "a" / "sinbad_units" / "synth_box" / "L224_c1.npz").read_bytes())
+    with pytest.raises(RuntimeError, match="different settings"):
+        _run(base[:-4] + ["--levels", "14", "224", "--crops", "1", "--ensemble-only", "--score-dir",
+                          str(tmp_path / "b")])
