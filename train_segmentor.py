@@ -86,4 +86,10 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from dataset_readers import DatasetError
+    from methods.csad.label_layout import LayoutError
+
+    try:
+        main()
+    except (DatasetError, LayoutError, FileNotFoundError) as exc:  # user-fixable: one line, no traceback
+        raise SystemExit(f"train_segmentor.py: {exc}") from None
