@@ -1,0 +1,257 @@
+"""CSAD stage 3 (LGST): numerics against numpy / torchvision, networks, training statistics, the CLI end to end
+on the synthetic dataset, checkpoint round trip, and the fused inference path."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from methods.csad import lgst
+from methods.csad.lgst import LGSTConfig, LGSTModel
+from models.efficientad import AutoEncoder, LocalStudent, count_parameters
+
+LITE0 = "efficientnet_lite0"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These small convolutions run fastest single-threaded on a busy 2-core machine; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_cfg(**kw) -> LGSTConfig:
+    base = dict(input_size=64, channels=16, student_width=8, ae_base=16, iterations=3, eval_freq=2)
+    base.update(kw)
+    return LGSTConfig(**base)
+
+
+def tiny_model(seed: int = 0, **kw) -> LGSTModel:
+    from models.backbones import load_backbone
+
+    with pytest.warns(UserWarning, match="random weights"):
+        bb = load_backbone("resnet18", "random")
+    return lgst.build_model(bb, tiny_cfg(**kw), seed)
+
+
+# ------------------------------------------------------------------------------------------ numerics
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 2 * 64 * 32 * 32])
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.9, 0.995, 0.999, 1.0])
+def test_quantile_matches_numpy(n, q):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    assert float(lgst.quantile(x, q)) == pytest.approx(np.quantile(x.double().numpy(), q), rel=1e-5, abs=1e-6)
+
+
+def test_hard_loss_is_mean_above_quantile():
+    d = torch.arange(2000, dtype=torch.float64).reshape(2, 10, 10, 10) / 1000.0
+    # q0.999 of 0..1.999 step 0.001 (2000 values): position 0.999 * 1999 = 1997.001 -> 1.997001
+    expected = np.mean([1.998, 1.999])
+    assert float(lgst.hard_loss(d, 0.999)) == pytest.approx(expected)
+    d2 = torch.rand(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    a = d2.numpy().ravel()
+    assert float(lgst.hard_loss(d2)) == pytest.approx(a[a >= np.quantile(a, 0.999)].mean(), rel=1e-5)
+
+
+def test_quantile_normalisation_on_known_maps():
+    m = torch.linspace(0, 1, 1001)
+    qa, qb = lgst.quantile(m, 0.9), lgst.quantile(m, 0.995)
+    assert (float(qa), float(qb)) == pytest.approx((0.9, 0.995))
+    out = lgst.normalize_map(m, qa, qb, 0.1)
+    assert float(out[900]) == pytest.approx(0.0, abs=1e-6)
+    assert float(out[995]) == pytest.approx(0.1, abs=1e-6)
+    assert float(out[0]) == pytest.approx(0.1 * -0.9 / 0.095, rel=1e-5)
+
+
+def test_fit_quantiles_and_lgst_map_are_sum_of_normalised_maps():
+    model = tiny_model().eval()
+    val = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    lgst.fit_quantiles(model, val, torch.device("cpu"))
+    st, ae = lgst.predict(model, val, torch.device("cpu"), raw=True)
+    expect = [np.quantile(a.double().numpy(), q) for a in (st, ae) for q in (0.9, 0.995)]
+    assert model.quantiles.tolist() == pytest.approx(expect, rel=1e-5)
+    q = model.quantiles
+    manual = 0.1 * (st - q[0]) / (q[1] - q[0]) + 0.1 * (ae - q[2]) / (q[3] - q[2])
+    maps, scores = lgst.predict(model, val, torch.device("cpu"), upsample=False)
+    torch.testing.assert_close(maps, manual)
+    torch.testing.assert_close(scores, manual.flatten(1).amax(1))
+    up, up_scores = lgst.predict(model, val, torch.device("cpu"))
+    assert up.shape == (3, 64, 64) and torch.equal(up_scores, up.flatten(1).amax(1))
+
+
+def test_channel_stats_equal_direct_computation():
+    f = torch.randn(5, 4, 6, 6, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    mean, std = lgst.channel_stats(f)
+    a = f.double().numpy()
+    per_image_means = a.mean(axis=(2, 3))  # EfficientAD: mean of per-image channel means
+    mu = per_image_means.mean(0)
+    sigma = np.sqrt(np.mean([((x - mu[:, None, None]) ** 2).mean(axis=(1, 2)) for x in a], axis=0))
+    np.testing.assert_allclose(mean.flatten().numpy(), mu, rtol=1e-5)
+    np.testing.assert_allclose(std.flatten().numpy(), sigma, rtol=1e-5)
+
+
+def test_color_augment_matches_torchvision():
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    out = lgst.color_augment(x, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    ops = torch.randint(0, 3, (6,), generator=g)
+    factors = 0.8 + 0.4 * torch.rand(6, generator=g)
+    fns = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for i in range(6):
+        assert 0.8 <= factors[i] <= 1.2
+        torch.testing.assert_close(out[i], fns[int(ops[i])](x[i], float(factors[i])), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ networks
+
+def test_official_network_sizes():
+    # csad.md §4.2: local student ~9.45 M parameters, autoencoder ~1.17 M, 512 output channels
+    assert count_parameters(LocalStudent()) == pytest.approx(9.45e6, rel=0.01)
+    assert count_parameters(AutoEncoder()) == pytest.approx(1.17e6, rel=0.01)
+    ae = AutoEncoder(8, 8, in_size=256, out_size=64)
+    assert ae.sizes == [3, 8, 15, 32, 63, 127]  # EfficientAD's decoder sizes at the official size
+    s = LocalStudent(8, 4, out_size=64)
+    assert s.trunk(torch.zeros(1, 3, 256, 256)).shape[-2:] == (64, 64)  # stride 4, no resize needed
+    assert ae(torch.zeros(1, 3, 256, 256)).shape == (1, 8, 64, 64)
+
+
+def test_teacher_projection_is_seeded_frozen_and_saved(tmp_path):
+    a, b, c = tiny_model(seed=1), tiny_model(seed=1), tiny_model(seed=2)
+    assert torch.equal(a.teacher.proj.weight, b.teacher.proj.weight)
+    assert not torch.equal(a.teacher.proj.weight, c.teacher.proj.weight)
+    assert not any(p.requires_grad for p in a.teacher.parameters())
+    lgst.save(a, tmp_path / "m.pth", "resnet18")
+    ckpt = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert torch.equal(ckpt["teacher_proj"]["weight"], a.teacher.proj.weight)
+    assert not any(k.startswith("extractor") for k in ckpt["student"])
+
+
+def test_training_sets_teacher_statistics_and_is_reproducible():
+    g = torch.Generator().manual_seed(4)
+    train = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g)
+    val = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = tiny_model(seed=0)
+        lgst.train(m, train, val, torch.device("cpu"), seed=0)
+        runs.append(m)
+    raw = lgst.teacher_features(runs[0], train, torch.device("cpu"))
+    a = raw.double().numpy()
+    np.testing.assert_allclose(runs[0].teacher_mean.flatten().numpy(), a.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(runs[0].teacher_std.flatten().numpy(), a.std(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+    for k, v in runs[0].student.state_dict().items():
+        torch.testing.assert_close(v, runs[1].student.state_dict()[k], rtol=0, atol=0)
+    fresh = tiny_model(seed=0)
+    assert not torch.equal(fresh.student.conv_st.weight, runs[0].student.conv_st.weight)  # it did train
+
+
+def test_missing_penalty_folder_is_a_clear_error(tmp_path):
+    from dataset_readers import DatasetError
+
+    with pytest.raises(DatasetError, match="--no-penalty"):
+        lgst.find_penalty_images(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        lgst.find_penalty_images(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def fast_run(synthetic_root, lite0_weights, dtd_root, tmp_path_factory):
+    import CSAD
+
+    out = tmp_path_factory.mktemp("lgst")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMP_NUM_THREADS", "1")  # 1 thread is the fastest on the shared 2-core machine
+    try:
+        CSAD.main(["--dataset", "synthetic_loco", "--data-root", str(synthetic_root), "--categories", "synth_box",
+                   "--fast", "--backbone", LITE0, "--weights", str(lite0_weights), "--penalty-dir", str(dtd_root),
+                   "--score-dir", str(out / "scores"), "--ckpt-dir", str(out / "ckpt")])
+    finally:
+        mp.undo()
+        torch.set_num_threads(1)
+    return out, synthetic_root
+
+
+def test_fast_run_ranks_structural_anomalies_and_writes_the_contract(fast_run, lite0_weights):
+    from sklearn.metrics import roc_auc_score
+
+    from dataset_readers import read_category
+    from dataset_readers.base import image_size
+    from evaluation.score_files import anomaly_map_path, load_anomaly_map, load_scores
+
+    out, root = fast_run
+    data = read_category("synthetic_loco", "synth_box", root)
+    groups = data.score_groups()
+    scores = {g: load_scores("synth_box", "LGST", g, groups[g], out / "scores") for g in ("logi", "struc", "val")}
+    labels = [s.label for s in groups["struc"]]
+    auroc = roc_auc_score(labels, scores["struc"])
+    assert auroc >= 0.75, f"LGST structural AUROC {auroc:.3f} on the synthetic data"
+    # good test images appear in both groups with the same score
+    n_good = sum(1 for s in groups["logi"] if s.label == 0)
+    np.testing.assert_array_equal(scores["logi"][:n_good], scores["struc"][:n_good])
+    index = json.loads((out / "scores" / "synth_box_LGST_struc_score.json").read_text())
+    assert index["images"] == [f"test/{s.defect_type}/{s.stem}.png" for s in groups["struc"]]
+    sample = groups["struc"][-1]
+    m = load_anomaly_map("LGST", "synth_box", sample, out / "scores")
+    w, h = image_size(sample.path)
+    assert anomaly_map_path("LGST", "synth_box", sample, out / "scores").is_file() and m.shape == (h, w)
+    assert m.max() == pytest.approx(scores["struc"][-1], rel=0.05)  # image score = map max
+
+
+def test_checkpoint_reload_reproduces_scores(fast_run, lite0_weights):
+    from dataset_readers import read_category
+    from evaluation.score_files import load_scores
+    from models.backbones import load_backbone
+
+    out, root = fast_run
+    data = read_category("synthetic_loco", "synth_box", root)
+    model, ckpt = lgst.load_model(out / "ckpt" / "best_synth_box.pth", load_backbone(LITE0, lite0_weights))
+    assert ckpt["selected"] == "final" and ckpt["iteration"] == LGSTConfig.fast().iterations
+    val = lgst.load_images(data.validation, model.cfg.input_size)
+    _, scores = lgst.predict(model, val, torch.device("cpu"))
+    np.testing.assert_allclose(scores.numpy(), load_scores("synth_box", "LGST", "val", data.validation,
+                                                           out / "scores"), rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ fused path
+
+def test_fused_inference_runs_the_backbone_once_and_matches_separate_paths():
+    from methods.csad.fused_inference import FusedCSAD
+    from methods.csad.patch_histogram import PatchHistogram
+    from models.backbones import load_backbone
+    from models.feature_extractor import FeatureExtractor
+    from models.segmentor import Segmentor
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        bb = load_backbone("resnet18", "random")
+    model = lgst.build_model(bb, tiny_cfg(), 0).eval()
+    seg = Segmentor(3, (64, 256)).eval()
+    x = torch.randn(4, 3, 64, 64)
+    # separate paths first (their own extractors), then the fused module on the same backbone
+    with torch.no_grad():
+        seg_sep = seg(FeatureExtractor(bb, ["layer1", "layer3"])(x), 64)
+        map_sep, score_sep = model.anomaly_maps(x)
+    ph = PatchHistogram(3).fit(torch.randint(0, 3, (10, 64, 64), generator=torch.Generator().manual_seed(0)))
+    ph.set_validation(torch.randint(0, 3, (6, 64, 64), generator=torch.Generator().manual_seed(1)))
+    val = {"LGST": np.linspace(0, 1, 10), "patchhist": np.linspace(-1, 3, 10)}
+    fused = FusedCSAD(bb, seg, model, ph, val, resolution=64)
+    calls = []
+    bb.conv1.register_forward_hook(lambda *a: calls.append(1))
+    out = fused(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(out["logits"], seg_sep)
+    torch.testing.assert_close(out["lgst_map"], map_sep)
+    from evaluation.fusion import trimmed_z_normalize
+
+    ph_sep = ph.score(seg_sep.argmax(1))
+    expect = trimmed_z_normalize(score_sep.numpy(), val["LGST"]) + trimmed_z_normalize(ph_sep, val["patchhist"])
+    np.testing.assert_allclose(out["score"].numpy(), expect, rtol=1e-5)
