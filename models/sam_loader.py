@@ -59,15 +59,16 @@ def load_sam(model_type: str = "vit_h", checkpoint: str | os.PathLike | None = N
     return sam.to(device).eval().requires_grad_(False)
 
 
-def build_tiny_sam(image_size: int = 128, embed_dim: int = 64, depth: int = 2, seed: int = 0):
-    """HQ-SAM with the vit_h code path (ImageEncoderViT + MaskDecoderHQ) but a 2-block, 64-dim encoder at (default 128)
-    `image_size` px, random weights. Masks are meaningless; shapes, prompts and post-processing are real."""
+def build_tiny_sam(image_size: int = 128, embed_dim: int = 64, depth: int = 2, prompt_dim: int = 64, seed: int = 0):
+    """HQ-SAM with the vit_h code path (ImageEncoderViT + MaskDecoderHQ) but a 2-block, 64-dim encoder at
+    `image_size` px and a 64-dim decoder (256 in the real models), random weights. Masks are meaningless; shapes,
+    prompts and post-processing are real."""
     from segment_anything_hq.modeling import ImageEncoderViT, MaskDecoderHQ, PromptEncoder, Sam, TwoWayTransformer
 
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        prompt_dim, patch = 256, 16
+        patch = 16
         sam = Sam(
             image_encoder=ImageEncoderViT(depth=depth, embed_dim=embed_dim, img_size=image_size, mlp_ratio=2,
                                           norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2,
@@ -76,8 +77,8 @@ def build_tiny_sam(image_size: int = 128, embed_dim: int = 64, depth: int = 2, s
             prompt_encoder=PromptEncoder(embed_dim=prompt_dim, image_embedding_size=(image_size // patch,) * 2,
                                          input_image_size=(image_size, image_size), mask_in_chans=16),
             mask_decoder=MaskDecoderHQ(num_multimask_outputs=3,
-                                       transformer=TwoWayTransformer(depth=1, embedding_dim=prompt_dim, mlp_dim=256,
-                                                                     num_heads=8),
+                                       transformer=TwoWayTransformer(depth=1, embedding_dim=prompt_dim, mlp_dim=128,
+                                                                     num_heads=4),
                                        transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=64,
                                        vit_dim=embed_dim),
             pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
