@@ -108,9 +108,11 @@ def build_grounding_dino(bert_dir: str | os.PathLike, overrides: dict | None = N
 
 
 def load_grounding_dino(checkpoint: str | os.PathLike | None = None, bert_dir: str | os.PathLike | None = None,
-                        ckpt_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
+                        ckpt_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                        tiny_architecture: bool = False) -> nn.Module:
     """Grounding DINO SwinT-OGC in eval mode. checkpoint: None -> ckpt/groundingdino_swint_ogc.pth; a path;
-    "tiny" -> build_tiny_grounding_dino(bert_dir) (bert_dir must then hold a tiny BERT, see save_tiny_bert)."""
+    "tiny" -> build_tiny_grounding_dino(bert_dir) (bert_dir must then hold a tiny BERT, see save_tiny_bert).
+    tiny_architecture: load `checkpoint` into the tiny architecture (tests of the loading code)."""
     from common.io import load_checkpoint
 
     if checkpoint == TINY_RANDOM:
@@ -122,11 +124,15 @@ def load_grounding_dino(checkpoint: str | os.PathLike | None = None, bert_dir: s
         raise FileNotFoundError(f"Grounding DINO checkpoint not found: {path}; download {GROUNDING_FILE} from "
                                 f"{GROUNDING_URL} (sha256 {GROUNDING_SHA256}) into ckpt/, or pass --grounding-ckpt")
     bert = find_bert_dir(bert_dir, ckpt_dir)
-    model = build_grounding_dino(bert)
+    model = build_tiny_grounding_dino(bert) if tiny_architecture else build_grounding_dino(bert)
     state = load_checkpoint(path, hint=f"download it from {GROUNDING_URL}")
     state = state.get("model", state) if isinstance(state, dict) else state
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    missing, _ = model.load_state_dict(state, strict=False)
+    try:  # strict=False as the official loader: the file also holds BERT's position_ids buffer
+        missing, _ = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{path} does not fit Grounding DINO SwinT-OGC: {str(exc).splitlines()[1].strip()}; "
+                           f"re-download it from {GROUNDING_URL}") from None
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
         raise RuntimeError(f"{path} does not fit Grounding DINO SwinT-OGC: {len(missing)} missing tensors "

@@ -52,7 +52,11 @@ def load_sam(model_type: str = "vit_h", checkpoint: str | os.PathLike | None = N
             state = load_checkpoint(path, hint=f"download it from {HQ_SAM_URL.format(SAM_FILES[model_type])}")
             if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
                 state = state["model"]
-            missing, unexpected = sam.load_state_dict(state, strict=False)
+            try:  # strict=False: HQ-SAM files may carry extra tensors; missing ones are an error below
+                missing, _ = sam.load_state_dict(state, strict=False)
+            except RuntimeError as exc:  # shape mismatch: another model size
+                raise RuntimeError(f"{path} does not fit HQ-SAM {model_type}: {str(exc).splitlines()[1].strip()}; "
+                                   "pass the matching --sam-model") from None
             if missing:
                 raise RuntimeError(f"{path} does not fit HQ-SAM {model_type}: {len(missing)} missing tensors "
                                    f"(e.g. {missing[0]}); pass the matching --sam-model")

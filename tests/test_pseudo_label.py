@@ -350,6 +350,13 @@ def tiny_bert(tmp_path_factory):
     return save_tiny_bert(tmp_path_factory.mktemp("bert"), "box disc square dot container".split())
 
 
+@pytest.fixture(scope="module")
+def tiny_grounding(tiny_bert):
+    from models.grounding import load_grounding_dino
+
+    return load_grounding_dino("tiny", tiny_bert)
+
+
 def test_text_bert_matches_transformers_bert(tiny_bert):
     from transformers import BertModel
     from models.grounding import TextBert
@@ -370,11 +377,10 @@ def test_text_bert_matches_transformers_bert(tiny_bert):
     assert not torch.allclose(a[:, 3], b[:, 3])
 
 
-def test_tiny_grounding_dino_boxes_and_thresholds(tiny_bert):
-    from models.grounding import GroundingPredictor, load_grounding_dino
+def test_tiny_grounding_dino_boxes_and_thresholds(tiny_grounding):
+    from models.grounding import GroundingPredictor
 
-    model = load_grounding_dino("tiny", tiny_bert)
-    pred = GroundingPredictor(model, short_side=64, max_size=96)
+    pred = GroundingPredictor(tiny_grounding, short_side=64, max_size=96)
     img = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
     boxes, scores, phrases = pred.predict(img, "Box . disc", box_threshold=0.0, text_threshold=0.0)
     assert boxes.shape == (20, 4) and scores.shape == (20,) and len(phrases) == 20  # 20 queries, all kept
@@ -384,6 +390,26 @@ def test_tiny_grounding_dino_boxes_and_thresholds(tiny_bert):
     kept = pred.predict(img, "box . disc .", box_threshold=thr, text_threshold=0.5)[1]
     np.testing.assert_allclose(np.sort(kept), np.sort(scores[scores > thr]), rtol=1e-5)
     assert len(pred.predict(img, "box . disc .", 1.0, 0.5)[0]) == 0
+
+
+def test_checkpoint_loading_roundtrip(tmp_path, tiny_bert, tiny_grounding):
+    """The real loaders (weights_only, 'model' key, 'module.' prefix, missing-tensor check) on tiny models."""
+    from models.grounding import load_grounding_dino
+    from models.sam_loader import build_tiny_sam, load_sam
+
+    state = {"module." + k: v.clone() + 1 for k, v in tiny_grounding.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "gd.pth")
+    loaded = load_grounding_dino(tmp_path / "gd.pth", tiny_bert, tiny_architecture=True)
+    key = "transformer.decoder.layers.0.linear1.weight"
+    torch.testing.assert_close(loaded.state_dict()[key], tiny_grounding.state_dict()[key] + 1)
+    torch.save({"model": {k: v for k, v in list(state.items())[:5]}}, tmp_path / "partial.pth")
+    with pytest.raises(RuntimeError, match="missing tensors"):
+        load_grounding_dino(tmp_path / "partial.pth", tiny_bert, tiny_architecture=True)
+    sam = build_tiny_sam(seed=3)
+    torch.save(sam.state_dict(), tmp_path / "sam.pth")
+    with pytest.raises(RuntimeError, match="does not fit HQ-SAM vit_tiny") as err:
+        load_sam("vit_tiny", tmp_path / "sam.pth")
+    assert "\n" not in str(err.value)
 
 
 def test_missing_checkpoints_name_file_and_url(tmp_path):
@@ -412,14 +438,14 @@ def test_sam_vit_tiny_random_box_prompt():
     assert masks.shape == (1, 40, 64) and masks.dtype == bool and scores.shape == (1,)
 
 
-def test_segmenter_paths_on_tiny_models(tiny_bert):
-    from models.grounding import GroundingPredictor, load_grounding_dino
+def test_segmenter_paths_on_tiny_models(tiny_grounding):
+    from models.grounding import GroundingPredictor
     from models.sam_loader import load_sam
     from methods.csad.pseudo_label.segment import Segmenter
 
     amg = dict(load_config("synth_box").sam_amg, points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0,
                min_mask_region_area=0)
-    seg = Segmenter(GroundingPredictor(load_grounding_dino("tiny", tiny_bert), 64, 96), load_sam(checkpoint="tiny"), amg)
+    seg = Segmenter(GroundingPredictor(tiny_grounding, 64, 96), load_sam(checkpoint="tiny"), amg)
     img = np.random.default_rng(1).integers(0, 255, (60, 72, 3), dtype=np.uint8)
 
     class NoAMG:
