@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = SinbadConfig()
     g = p.add_argument_group("SINBAD")
     g.add_argument("--levels", "--level", nargs="+", type=int, default=list(LEVELS),
-                   choices=sorted([*DEEP_LAYERS, PIXEL_LEVEL]), help="pyramid levels (7: layer4, 14: layer3, 224: pixels)")
+                   choices=sorted([*DEEP_LAYERS, PIXEL_LEVEL]),
+                   help="pyramid levels (7: layer4, 14: layer3, 224: pixels)")
     g.add_argument("--crops", nargs="+", type=int, default=list(CROP_RATIOS), choices=list(CROP_RATIOS),
                    help="crops per canvas for the deep levels (16, 9, 4, 1 = ratios 0.25, 0.5, 0.7, 0.99)")
     g.add_argument("--units-only", action="store_true", help="write the unit files, skip the ensemble")
@@ -155,6 +156,7 @@ def write_benchmark(args, bench: dict) -> None:
         per_level.setdefault(key.rsplit("_c", 1)[0], []).append(t)  # "<category>/L<level>": sum over crop counts
     summary = {lv: {"s_per_image": float(np.sum([t["s_per_image"] for t in ts])),
                     "test_s_per_image": float(np.sum([t["test_s_per_image"] for t in ts])),
+                    "cpu_s_per_image": float(np.sum([t.get("cpu_s_per_image", np.nan) for t in ts])),
                     "peak_rss_mb": float(max(t["peak_rss_mb"] for t in ts)),
                     "peak_cuda_mb": float(max(t["peak_cuda_mb"] for t in ts))} for lv, ts in per_level.items()}
     path = work_dir(args.score_dir) / "benchmark.json"

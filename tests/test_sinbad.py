@@ -166,9 +166,10 @@ def _run(args: list[str]):
 
 def test_synthetic_separates_logical_anomalies(synthetic_root, lite0_weights, tmp_path):
     """--fast end to end on the synthetic count/colour anomalies, then --ensemble-only from the unit files."""
-    common = ["--dataset", "synthetic_loco", "--data-root", str(synthetic_root), "--fast", "--categories", "synth_bottle",
+    common = ["--dataset", "synthetic_loco", "--data-root", str(synthetic_root), "--fast",
+              "--categories", "synth_bottle",
               "--backbone", "efficientnet_lite0", "--weights", str(lite0_weights), "--score-dir", str(tmp_path),
-              "--ckpt-dir", str(tmp_path / "ckpt"), "--levels", "14", "224", "--crops", "4", "1"]
+              "--ckpt-dir", str(tmp_path / "ckpt"), "--levels", "14", "224", "--crops", "4"]
     res = _run(common)["synth_bottle"]
     data = read_category("synthetic_loco", "synth_bottle", synthetic_root)
     groups = data.score_groups()
@@ -179,8 +180,8 @@ def test_synthetic_separates_logical_anomalies(synthetic_root, lite0_weights, tm
     logi = load_scores("synth_bottle", "sinbad", "logi", groups["logi"], tmp_path)
     auroc = roc_auc_score([s.label for s in groups["logi"]], logi)
     assert auroc == pytest.approx(res["sinbad"]["logi"])
-    assert auroc >= 0.85, f"logical AUROC {auroc:.3f}"  # measured 0.969 (chance 0.5): fill/label colour pairs
-    assert res["sinbad_L14"]["logi"] >= 0.9, res  # measured 1.000
+    assert auroc >= 0.85, f"logical AUROC {auroc:.3f}"  # measured 0.984 (chance 0.5): fill/label colour pairs
+    assert res["sinbad_L14"]["logi"] >= 0.9, res  # measured 0.984
     # validation is normal: its normalised scores average ~1 per level by construction
     val = load_scores("synth_bottle", "sinbad_L14", "val", groups["val"], tmp_path)
     assert val.mean() == pytest.approx(1.0, abs=1e-3)
@@ -197,7 +198,8 @@ def test_clear_errors(synthetic_root, tmp_path):
     with pytest.raises(DatasetError, match="unknown category"):
         _run(base + ["--categories", "nope", "--levels", "224"])
     with pytest.raises(FileNotFoundError, match="wide_resnet50_2-95faca4d.pth"):
-        _run(base + ["--categories", "synth_box", "--levels", "7", "--crops", "1", "--weights", str(tmp_path / "missing.pth")])
+        _run(base + ["--categories", "synth_box", "--levels", "7", "--crops", "1",
+                     "--weights", str(tmp_path / "missing.pth")])
 
 
 def _juice_subset(juice_root: Path, dst: Path, n_train: int, n_logical: int) -> Path:
