@@ -210,6 +210,22 @@ def test_light_augment_keeps_labels_aligned():
     assert abs(int(inside.sum()) - 600) < 60  # small shift/scale/rotation only
 
 
+def test_config_defaults_and_official_flags():
+    from methods.csad.segmentor import make_config
+    import train_segmentor
+
+    c = make_config("breakfast_box")
+    assert (c.resolution, c.epochs, c.sup_only_epochs, c.batch_size, c.lr, c.weight_decay) == (256, 120, 50, 4, 0.01, 1e-5)
+    assert (c.ce_weight, c.focal_weight, c.dice_weight, c.hist_weight, c.entropy_weight) == (0.5, 10, 1, 10, 1)
+    assert c.fill_holes and not c.ce_on_logits and not c.official_lsa and not c.official_hole_fill
+    assert make_config("screw_bag").min_distance == 0.1 and not make_config("screw_bag").fill_holes
+    args = train_segmentor.parse_args(["--ce-on-logits", "--official-lsa", "--official-hole-fill"])
+    assert args.seed == 42 and args.labels == "pseudo" and args.masks_root.endswith("datasets/masks")
+    f = make_config("juice_bottle", fast=True, ce_on_logits=args.ce_on_logits, official_lsa=args.official_lsa,
+                    official_hole_fill=args.official_hole_fill, epochs=None)
+    assert f.resolution == 64 and f.epochs == 12 and f.ce_on_logits and f.official_lsa and f.official_hole_fill
+
+
 # --- network and checkpoint -------------------------------------------------------------------------------------
 
 def test_segmentor_head_size_and_checkpoint_roundtrip(tmp_path):

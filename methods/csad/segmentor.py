@@ -16,7 +16,7 @@ from scipy.ndimage import binary_fill_holes
 from tqdm import tqdm
 
 from common import get_logger
-from dataset_readers import CategoryData, Sample, load_image
+from dataset_readers import CategoryData, Sample, image_size, load_image
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform, make_loader
 from methods.csad import label_layout as layout
 from methods.csad.patch_histogram import PatchHistogram, class_histograms
@@ -313,7 +313,8 @@ def build_training_set(data: CategoryData, masks_root: str | Path | None, cfg: S
                                  f"the dataset has {len(train_stems)} training images (missing e.g. {missing}); "
                                  "re-run pseudo_label.py for this dataset")
     # info indices refer to the label layout's stem order
-    good = sorted({train_stems.index(stems_on_disk[int(i)]) for i in np.asarray(info["filtered_histogram_indices"])})
+    position = {stem: i for i, stem in enumerate(train_stems)}
+    good = sorted({position[stems_on_disk[int(i)]] for i in np.asarray(info["filtered_histogram_indices"])})
     sup = np.asarray(good, np.int64)
     unsup = np.asarray(sorted(set(range(len(train_stems))) - set(good)), np.int64)
     images = load_uint8(data.train, r, desc=f"{cat} train images")
@@ -321,6 +322,11 @@ def build_training_set(data: CategoryData, masks_root: str | Path | None, cfg: S
     for i in sup:
         stem = train_stems[i]
         lab = layout.read_label_map(cat, stem, masks_root)
+        w, h = image_size(data.train[i].path)
+        if lab.shape != (h, w):
+            raise layout.LayoutError(f"{layout.image_dir(cat, stem, masks_root) / layout.LABEL_MAP} is "
+                                     f"{lab.shape[1]}x{lab.shape[0]} but {data.train[i].path} is {w}x{h}; the labels "
+                                     "belong to other images, re-run pseudo_label.py")
         if lab.max() > k:
             raise layout.LayoutError(f"{layout.image_dir(cat, stem, masks_root) / layout.LABEL_MAP} has class "
                                      f"{lab.max()} > K={k}; re-run pseudo_label.py")
