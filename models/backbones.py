@@ -47,6 +47,15 @@ BACKBONES: dict[str, BackboneSpec] = {
     "wide_resnet50_2": BackboneSpec(_torchvision("wide_resnet50_2"), "wide_resnet50_2-95faca4d.pth",
                                     "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth", "95faca4d",
                                     RESNET_LAYERS),
+    # CSAD's segmentor and LGST teacher use timm's tv2_in1k tag = torchvision's IMAGENET1K_V2 weights.
+    "wide_resnet50_2_tv2": BackboneSpec(_torchvision("wide_resnet50_2"), "wide_resnet50_2-9ba9bcbe.pth",
+                                        "https://download.pytorch.org/models/wide_resnet50_2-9ba9bcbe.pth", "9ba9bcbe",
+                                        RESNET_LAYERS),
+    # CSAD's component descriptors use timm's default wide_resnet50_2 tag, racm_in1k (same ResNet tensor names).
+    "wide_resnet50_2_racm": BackboneSpec(
+        _torchvision("wide_resnet50_2"), "wide_resnet50_racm-8234f177.pth",
+        "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/wide_resnet50_racm-8234f177.pth",
+        "8234f177", RESNET_LAYERS),
     "wide_resnet101_2": BackboneSpec(_torchvision("wide_resnet101_2"), "wide_resnet101_2-32ee1156.pth",
                                      "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth", "32ee1156",
                                      RESNET_LAYERS),
@@ -100,7 +109,12 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, verify: b
         file = find_weights(name, weights)
         if verify and not sha256_of(file).startswith(spec.sha256):
             raise RuntimeError(f"{file}: sha256 does not start with {spec.sha256}; re-download it from {spec.url}")
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        if file.suffix == ".safetensors":  # e.g. timm's model.safetensors from the hub page
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         own = model.state_dict()
