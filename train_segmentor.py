@@ -16,7 +16,7 @@ from common.cli import REPO_ROOT, add_common_args, resolve_categories
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of the dataset
-BACKBONE = "wide_resnet50_2"
+BACKBONE = "wide_resnet50_2_tv2"  # timm tv2_in1k = torchvision IMAGENET1K_V2, as the official encoder
 SEED = 42  # the official seed
 MASKS_ROOT = REPO_ROOT / "datasets" / "masks"
 GOOD_FRACTION = 0.5  # component-maps labels: supervised share (stage 1 keeps the 50 % most typical images)

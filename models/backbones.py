@@ -54,7 +54,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     # CSAD's component descriptors use timm's default wide_resnet50_2 tag, racm_in1k (same ResNet tensor names).
     "wide_resnet50_2_racm": BackboneSpec(
         _torchvision("wide_resnet50_2"), "wide_resnet50_racm-8234f177.pth",
-        "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/wide_resnet50_racm-8234f177.pth",
+        "https://github.com/huggingface/pytorch-image-models/releases/download/v0.1-rsb-weights/wide_resnet50_racm-8234f177.pth",
         "8234f177", RESNET_LAYERS),
     "wide_resnet101_2": BackboneSpec(_torchvision("wide_resnet101_2"), "wide_resnet101_2-32ee1156.pth",
                                      "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth", "32ee1156",
