@@ -31,7 +31,8 @@ MASKS_ROOT = REPO_ROOT / "datasets" / "masks"
 SAM_MODEL = "vit_h"
 # --fast: same code path, smaller: tiny random Grounding DINO / HQ-SAM, small inputs, few points and rotations.
 # The random models' quality scores are meaningless, so --fast keeps every AMG mask (thresholds 0).
-FAST = dict(grounding_short_side=128, grounding_max_size=256, n_rotations=8,
+# Random descriptors have no calibrated scale: --fast doubles the bandwidth (up to 10 times) if no class survives.
+FAST = dict(grounding_short_side=128, grounding_max_size=256, n_rotations=8, bandwidth_retries=10,
             sam_amg=dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0))
 
 log = get_logger("pseudo_label")
@@ -145,7 +146,8 @@ def main(argv=None) -> list[dict]:
     from methods.csad.pseudo_label.pipeline import Options, run_category
 
     opts = Options(masks_root=Path(args.masks_root), seed=args.seed, overwrite=args.overwrite,
-                   recluster=args.recluster, bandwidth=args.bandwidth)
+                   recluster=args.recluster, bandwidth=args.bandwidth,
+                   bandwidth_retries=FAST["bandwidth_retries"] if args.fast else 0)
     summaries = []
     try:
         for cat in categories:

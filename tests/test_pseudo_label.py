@@ -476,24 +476,26 @@ def test_cli_fast_writes_every_file(tmp_path, lite0_weights):
     from pseudo_label import main
 
     # one category (the SAM automatic-mask path); the no_sam path runs in test_segmenter_paths_on_tiny_models
-    generate(tmp_path / "d", size=64, n_train=3, n_val=1, n_test=2, seed=0, categories=["synth_bottle"])
+    generate(tmp_path / "d", size=64, n_train=4, n_val=1, n_test=2, seed=0, categories=["synth_bottle"])
     args = ["--dataset", "synthetic_loco", "--data-root", str(tmp_path / "d"), "--categories", "synth_bottle",
             "--fast", "--backbone",
             "efficientnet_lite0", "--weights", str(lite0_weights), "--masks-root", str(tmp_path / "m"),
-            "--device", "cpu", "--bandwidth", "1000"]
+            "--device", "cpu", "--bandwidth", "0.05"]  # too small on purpose: --fast doubles it until a class survives
     summaries = main(args)
     assert [s["category"] for s in summaries] == ["synth_bottle"]
     for s in summaries:
         cat = s["category"]
         stems = L.check_layout(cat, tmp_path / "m")
-        assert stems == ["000", "001", "002"]
+        assert stems == ["000", "001", "002", "003"]
         for stem in stems:
             for name in ("grounding_background.png", "cluster_map.png"):
                 assert (L.image_dir(cat, stem, tmp_path / "m") / name).is_file()
         info = L.read_info(cat, tmp_path / "m")
-        assert info["filtered_component_histogram"].shape == (3, s["K"]) and s["K"] >= 1
+        assert info["filtered_component_histogram"].shape == (4, s["K"]) and s["K"] >= 1
         assert (tmp_path / "m" / cat / "info" / "all_component_feats.npz").is_file()
         assert set(s["seconds_per_image"]) == {"segmentation", "descriptors", "clustering"}
+        used = float((tmp_path / "m" / cat / "info" / "info.txt").read_text().split("bandwidth: ")[1].split()[0])
+        assert used >= 0.1 and np.log2(used / 0.05) % 1 == 0  # doubled at least once
     args[args.index("synth_bottle")] = "nope"
     with pytest.raises(SystemExit, match="'nope'"):
         main(args)

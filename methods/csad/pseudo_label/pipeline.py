@@ -36,6 +36,8 @@ class Options:
     recluster: bool = False       # re-run clustering on an already complete category
     bandwidth: float | None = None  # overrides the config's MeanShift bandwidth
     n_jobs: int | None = None
+    bandwidth_retries: int = 0    # --fast: random-model descriptors have no calibrated scale; double the
+                                  # bandwidth up to this many times when no cluster survives
 
 
 def _read_rgb(path: str) -> np.ndarray:
@@ -124,12 +126,20 @@ def run_category(data: CategoryData, cfg: CategoryConfig, opts: Options, make_se
     t0 = time.perf_counter()
     bandwidth = opts.bandwidth if opts.bandwidth is not None else cfg.bandwidth
     c = cfg.common
-    res = cluster_components(feats, image_index, areas, n, bandwidth, cfg.filter_hist,
-                             proj_dim=c.get("proj_dim", 512), reduce_dim=c.get("reduce_dim", True), seed=opts.seed,
-                             small_fraction=c.get("small_cluster_fraction", 0.5),
-                             hdbscan_fraction=c.get("hdbscan_min_fraction", 0.1),
-                             select_fraction=c.get("select_fraction", 0.5),
-                             min_class_area=c.get("min_class_area", 0.001), n_jobs=opts.n_jobs, log=log)
+    for attempt in range(opts.bandwidth_retries + 1):
+        try:
+            res = cluster_components(feats, image_index, areas, n, bandwidth, cfg.filter_hist,
+                                     proj_dim=c.get("proj_dim", 512), reduce_dim=c.get("reduce_dim", True),
+                                     seed=opts.seed, small_fraction=c.get("small_cluster_fraction", 0.5),
+                                     hdbscan_fraction=c.get("hdbscan_min_fraction", 0.1),
+                                     select_fraction=c.get("select_fraction", 0.5),
+                                     min_class_area=c.get("min_class_area", 0.001), n_jobs=opts.n_jobs, log=log)
+            break
+        except PseudoLabelError as exc:
+            if attempt == opts.bandwidth_retries or "raise --bandwidth" not in str(exc):
+                raise
+            log.warning("%s: %s -> retrying with bandwidth %.3g (--fast)", cat, exc, bandwidth * 2)
+            bandwidth *= 2
     timing["clustering"] = (time.perf_counter() - t0) / n
     k = res["class_hist"].shape[1]
 
