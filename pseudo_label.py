@@ -90,10 +90,15 @@ def main(argv=None) -> list[dict]:
 
     categories = resolve_categories(args)
     if args.from_component_maps:
-        root = args.data_root or REPO_ROOT / "datasets" / args.dataset
-        return [{"category": c, "path": str(L.write_from_component_maps(
-            root, c, args.masks_root, good_fraction=args.good_fraction, overwrite=args.overwrite))}
-            for c in categories]
+        from dataset_readers import dataset_root
+
+        root = dataset_root(args.dataset, args.data_root)
+        try:
+            return [{"category": c, "path": str(L.write_from_component_maps(
+                root, c, args.masks_root, good_fraction=args.good_fraction, overwrite=args.overwrite))}
+                for c in categories]
+        except (DatasetError, L.LayoutError) as exc:
+            raise SystemExit(f"pseudo_label.py: {exc}") from None
 
     try:
         configs = {c: load_config(c, args.config) for c in categories}  # fail early on an unknown category
