@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--iterations", type=int, default=None, help="training iterations (default 60000; --fast 300)")
     g.add_argument("--input-size", type=int, default=None, help="input resolution (default 256; --fast 128)")
     g.add_argument("--batch-size", type=int, default=2)
-    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4; --fast 1e-3)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--no-padding", action="store_true", help="student without padding (official speed-test setting)")
     g.add_argument("--penalty-dir", default=str(PENALTY_DIR),
