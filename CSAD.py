@@ -120,4 +120,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dataset_readers import DatasetError
+
+    try:
+        main()
+    except (DatasetError, FileNotFoundError) as exc:  # user-fixable: one line naming the file and the fix
+        raise SystemExit(f"error: {exc}") from None

@@ -151,6 +151,23 @@ def test_training_sets_teacher_statistics_and_is_reproducible():
     assert not torch.equal(fresh.student.conv_st.weight, runs[0].student.conv_st.weight)  # it did train
 
 
+def test_select_on_test_restores_the_best_evaluated_iteration():
+    g = torch.Generator().manual_seed(5)
+    train = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g)
+    model = tiny_model(iterations=3, eval_freq=1)
+    metrics, snapshots = iter([1.0, 3.0, 2.0]), []
+
+    def evaluate(m):
+        snapshots.append({k: v.clone() for k, v in m.student.state_dict().items()})
+        return next(metrics)
+
+    info = lgst.train(model, train, train[:2], torch.device("cpu"), seed=0, evaluate=evaluate)
+    assert info["selected"] == "test" and info["iteration"] == 2 and info["best_metric"] == 3.0
+    for k, v in model.student.state_dict().items():
+        torch.testing.assert_close(v, snapshots[1][k], rtol=0, atol=0)
+    assert not torch.equal(snapshots[1]["conv_st.weight"], snapshots[2]["conv_st.weight"])
+
+
 def test_missing_penalty_folder_is_a_clear_error(tmp_path):
     from dataset_readers import DatasetError
 
