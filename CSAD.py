@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from common import get_logger, pick_device, seed_everything, set_threads
 from common.cli import REPO_ROOT, add_common_args, resolve_categories
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of --dataset (MVTec LOCO: the five official ones)
-BACKBONE = "wide_resnet50_2"
+BACKBONE = "wide_resnet50_2_tv2"  # the official teacher: timm tv2_in1k = torchvision's IMAGENET1K_V2 weights
 SEED = 0
-# The official teacher uses timm wide_resnet50_2.tv2_in1k = torchvision's IMAGENET1K_V2 weights.
-TV2_WEIGHTS = "wide_resnet50_2-9ba9bcbe.pth"
-TV2_URL = "https://download.pytorch.org/models/wide_resnet50_2-9ba9bcbe.pth"
 PENALTY_DIR = REPO_ROOT / "datasets" / "imagenet_penalty"
 
 log = get_logger("CSAD")
@@ -64,16 +60,6 @@ def make_config(args):
     return LGSTConfig.fast(**over) if args.fast else LGSTConfig(**over)
 
 
-def resolve_weights(args) -> str | None:
-    if args.weights is None and args.backbone == "wide_resnet50_2":
-        path = Path(args.ckpt_dir) / TV2_WEIGHTS
-        if not path.is_file():
-            raise SystemExit(f"weights not found: {path}; download {TV2_URL} (the official tv2 teacher weights) "
-                             "into the checkpoint folder, or pass --weights FILE (or 'random' for a smoke test)")
-        return str(path)
-    return args.weights
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     set_threads()
@@ -86,7 +72,7 @@ def main(argv=None) -> None:
 
     device = pick_device(args.device)
     cfg = make_config(args)
-    backbone = load_backbone(args.backbone, resolve_weights(args))
+    backbone = load_backbone(args.backbone, args.weights)
 
     if args.benchmark_speed:
         if args.input_size is None:
