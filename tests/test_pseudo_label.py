@@ -229,6 +229,12 @@ def test_cluster_components_two_kinds_and_degenerate_bandwidth():
     assert cls[kinds == 0][0] != cls[kinds == 1][0]
     with pytest.raises(PseudoLabelError, match="raise --bandwidth"):
         C.cluster_components(feats * 1e4, img, area, n_img, bandwidth=1e-3, filter_hist=True, log=LOG)
+    # most images have no component at all: that cluster is skipped, the images with components form the mode
+    few = np.isin(img, [0, 1, 2])
+    res = C.cluster_components(feats[few] * 30, img[few], area[few], n_img, 3.5, True, small_fraction=0.2, log=LOG)
+    assert res["class_hist"].shape == (n_img, 2) and set(res["main_mode"]) <= {0, 1, 2}
+    with pytest.raises(PseudoLabelError, match=r"without any clustered component \(10 of 10 images"):
+        C.select_images(np.zeros((10, 2)), np.zeros(10, np.int64), True)
     with pytest.raises(PseudoLabelError, match="no components"):
         C.cluster_components(np.zeros((0, 64)), img[:0], area[:0], n_img, 3.5, True, log=LOG)
 

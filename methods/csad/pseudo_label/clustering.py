@@ -80,6 +80,16 @@ def select_images(hist: np.ndarray, modes: np.ndarray, filter_hist: bool, fracti
     ids, sizes = np.unique(modes[modes >= 0], return_counts=True)
     if len(ids) == 0:
         raise PseudoLabelError("no HDBSCAN image cluster; cannot select the supervised images")
+    # A cluster of images without any component says nothing about the class layout (official: it can become the
+    # main mode and leave K = 0, so stage 2 cannot run); it is skipped, with a warning by the caller.
+    informative = np.array([hist[modes == i].sum() > 0 for i in ids])
+    if not informative.any():
+        empty = int((hist.sum(1) == 0).sum())
+        raise PseudoLabelError(
+            f"every HDBSCAN image cluster consists of images without any clustered component ({empty} of "
+            f"{len(hist)} images have none); check the segmentation (refined_masks.png / grounding_mask.png) and "
+            "the prompts and thresholds in configs/csad_pseudo_label.json")
+    ids, sizes = ids[informative], sizes[informative]
     main = ids[np.argmax(sizes)]  # ties -> lowest id
     lists = []
     for i, size in zip(ids, sizes):
@@ -113,6 +123,9 @@ def cluster_components(feats: np.ndarray, image_index: np.ndarray, areas: np.nda
     hist = area_histograms(labels, image_index, areas, n_images, n_clusters)
     modes = hdbscan_modes(hist, hdbscan_fraction, log)
     sel = select_images(hist, modes, filter_hist, select_fraction, min_class_area)
+    skipped = [m for m in np.unique(modes[modes >= 0]) if hist[modes == m].sum() == 0]
+    if skipped and log is not None:
+        log.warning("skipped %d HDBSCAN image cluster(s) made of images without any component", len(skipped))
     if len(sel.kept_clusters) == 0:
         raise PseudoLabelError(f"no component class covers more than {min_class_area:.2%} of the typical images; "
                                "check the segmentation (refined_masks.png) or lower --bandwidth")

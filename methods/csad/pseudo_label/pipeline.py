@@ -37,7 +37,7 @@ class Options:
     bandwidth: float | None = None  # overrides the config's MeanShift bandwidth
     n_jobs: int | None = None
     bandwidth_retries: int = 0    # --fast: random-model descriptors have no calibrated scale; double the
-                                  # bandwidth up to this many times when no cluster survives
+                                  # bandwidth up to this many times when no cluster / class survives
 
 
 def _read_rgb(path: str) -> np.ndarray:
@@ -136,7 +136,7 @@ def run_category(data: CategoryData, cfg: CategoryConfig, opts: Options, make_se
                                      min_class_area=c.get("min_class_area", 0.001), n_jobs=opts.n_jobs, log=log)
             break
         except PseudoLabelError as exc:
-            if attempt == opts.bandwidth_retries or "raise --bandwidth" not in str(exc):
+            if attempt == opts.bandwidth_retries or "--bandwidth" not in str(exc):  # only bandwidth can fix it
                 raise
             log.warning("%s: %s -> retrying with bandwidth %.3g (--fast)", cat, exc, bandwidth * 2)
             bandwidth *= 2
