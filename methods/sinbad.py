@@ -229,28 +229,41 @@ def encode(samples: Sequence[Sample], level: int, n_crops: int, cfg: SinbadConfi
     where `thresholds` is None)."""
     from tqdm import tqdm
 
+    unit_crops(level, n_crops, cfg)  # checks the crop count before any image is read
+    thresholds = list(thresholds) if thresholds is not None else [None] * n_crops
+    loader = make_loader(samples, CanvasTransform(cfg.canvas), batch_size=cfg.batch_size)
+    out = []
+    for canvases, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        out.append(describe_canvases(canvases.to(device), level, n_crops, cfg, extractor, projections, thresholds))
+    return torch.cat(out), thresholds
+
+
+def unit_crops(level: int, n_crops: int, cfg: SinbadConfig) -> tuple[int, list[tuple[int, int]]]:
+    """Crop side and corners of one unit."""
     ratio = PIXEL_CROP_RATIO if level == PIXEL_LEVEL else CROP_RATIOS[n_crops]
     side, corners = crop_grid(cfg.canvas, ratio, cfg.crop_num_edge)
     if len(corners) != n_crops:
         raise ValueError(f"crop ratio {ratio} gives {len(corners)} crops, expected {n_crops}")
-    thresholds = list(thresholds) if thresholds is not None else [None] * len(corners)
-    loader = make_loader(samples, CanvasTransform(cfg.canvas), batch_size=cfg.batch_size)
-    out = []
-    for canvases, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        canvases = canvases.to(device)
-        per_pos = []
-        for k, (y, x) in enumerate(corners):
-            sets = crops_to_sets(canvases, y, x, side, cfg.set_res)
-            if level == PIXEL_LEVEL:
-                feats = sets
-            else:
-                feats = extractor(sets)[DEEP_LAYERS[level]]
-            elements = feats.flatten(2).transpose(1, 2).float()  # (B, N, C), a set per crop
-            d, thresholds[k] = set_descriptor(elements, projections[k], thresholds[k], cfg.quantiles,
-                                              cfg.percentiles, cfg.mem_elems)
-            per_pos.append(d.cpu())
-        out.append(torch.stack(per_pos, 1))
-    return torch.cat(out), thresholds
+    return side, corners
+
+
+def describe_canvases(canvases: torch.Tensor, level: int, n_crops: int, cfg: SinbadConfig, extractor,
+                      projections: list[torch.Tensor], thresholds: list[torch.Tensor | None]) -> torch.Tensor:
+    """Canvases (B, 3, canvas, canvas) on the device -> descriptors (B, K, R*P*Q) on the CPU. `thresholds` is
+    updated in place where an entry is None (fitted on this batch). Also the benchmark's inference path."""
+    side, corners = unit_crops(level, n_crops, cfg)
+    per_pos = []
+    for k, (y, x) in enumerate(corners):
+        sets = crops_to_sets(canvases, y, x, side, cfg.set_res)
+        if level == PIXEL_LEVEL:
+            feats = sets
+        else:
+            feats = extractor(sets)[DEEP_LAYERS[level]]
+        elements = feats.flatten(2).transpose(1, 2).float()  # (B, N, C), a set per crop
+        d, thresholds[k] = set_descriptor(elements, projections[k], thresholds[k], cfg.quantiles,
+                                          cfg.percentiles, cfg.mem_elems)
+        per_pos.append(d.cpu())
+    return torch.stack(per_pos, 1)
 
 
 def element_dim(level: int, extractor) -> int:
