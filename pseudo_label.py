@@ -21,11 +21,9 @@ from common.cli import REPO_ROOT, add_common_args, resolve_categories
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of the dataset (the official script runs all five LOCO categories)
-BACKBONE = "wide_resnet50_2"  # component descriptor backbone (layer4)
-# The official descriptor uses timm's default wide_resnet50_2 tag (racm_in1k), not the torchvision weights.
-DESCRIPTOR_WEIGHTS = {"wide_resnet50_2": ("wide_resnet50_racm-8234f177.pth",
-                                          "https://github.com/huggingface/pytorch-image-models/releases/download/"
-                                          "v0.1-rsb-weights/wide_resnet50_racm-8234f177.pth")}
+# Component descriptor backbone (layer4): the official code uses timm's default wide_resnet50_2 tag (racm_in1k),
+# not the torchvision / tv2 weights of stages 2 and 3.
+BACKBONE = "wide_resnet50_2_racm"
 SEED = 0
 MASKS_ROOT = REPO_ROOT / "datasets" / "masks"
 SAM_MODEL = "vit_h"
@@ -70,14 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def descriptor_backbone(args):
     from models.backbones import load_backbone
 
-    weights = args.weights
-    if weights is None and args.backbone in DESCRIPTOR_WEIGHTS:
-        name, url = DESCRIPTOR_WEIGHTS[args.backbone]
-        weights = Path(args.ckpt_dir) / name
-        if not weights.is_file():
-            raise SystemExit(f"descriptor weights not found: {weights}; download {name} from {url} into "
-                             f"{args.ckpt_dir} (or pass --weights)")
-    return load_backbone(args.backbone, weights)
+    return load_backbone(args.backbone, args.weights)
 
 
 def main(argv=None) -> list[dict]:
@@ -104,6 +95,13 @@ def main(argv=None) -> list[dict]:
         configs = {c: load_config(c, args.config) for c in categories}  # fail early on an unknown category
     except PseudoLabelError as exc:
         raise SystemExit(f"pseudo_label.py: {exc}") from None
+    if args.weights != "random":  # fail before hours of segmentation, not after
+        from models.backbones import find_weights
+
+        try:
+            find_weights(args.backbone, args.weights)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SystemExit(f"pseudo_label.py: {exc}") from None
     device = pick_device(args.device)
     grounding_ckpt = args.grounding_ckpt or ("tiny" if args.fast else None)
     sam_ckpt = args.sam_ckpt or ("tiny" if args.fast else None)
