@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="crops per canvas for the deep levels (16, 9, 4, 1 = ratios 0.25, 0.5, 0.7, 0.99)")
     g.add_argument("--units-only", action="store_true", help="write the unit files, skip the ensemble")
     g.add_argument("--ensemble-only", action="store_true", help="combine existing unit files into score files")
+    g.add_argument("--canvas", type=int, default=None, help=f"canvas side (official initial_res; {d.canvas}, --fast 256)")
+    g.add_argument("--crop-res", type=int, default=None,
+                   help=f"side every crop is resized to ({d.set_res}, --fast 112)")
     g.add_argument("--projections", type=int, default=d.projections, help="random projections, levels 7/14")
     g.add_argument("--pixel-projections", type=int, default=d.pixel_projections)
     g.add_argument("--quantiles", type=int, default=d.quantiles, help="thresholds per projection")
@@ -59,6 +62,10 @@ def make_config(args) -> SinbadConfig:
               shrinkage=args.shrinkage, pixel_shrinkage=args.pixel_shrinkage, pixel_reps=args.pixel_reps,
               lambda_pixel=args.lambda_pixel, batch_size=args.batch_size, seed=args.seed,
               official_thresholds=args.official_thresholds, whiten=args.whiten)
+    if args.canvas:
+        kw["canvas"] = args.canvas
+    if args.crop_res:
+        kw["set_res"] = args.crop_res
     if args.fast:
         d = SinbadConfig()
         # --fast shrinks canvas, projections and repeats unless they were given explicitly
