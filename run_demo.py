@@ -33,6 +33,14 @@ def demo_backbone(args) -> list[str]:
     return ["--backbone", "efficientnet_lite0", "--weights", "random"]
 
 
+def default_penalty_dir() -> str | None:
+    for path in (REPO_ROOT / "datasets" / "imagenet_penalty", REPO_ROOT / "datasets" / "dtd" / "images",
+                 SHARED_DIR / "data" / "dtd_small" / "images"):
+        if path.is_dir():
+            return str(path)
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic_loco")
@@ -46,6 +54,8 @@ def main() -> None:
     p.add_argument("--ckpt-dir", default=str(REPO_ROOT / "ckpt"))
     p.add_argument("--masks-root", default=str(REPO_ROOT / "datasets" / "masks"))
     p.add_argument("--results-dir", default=str(REPO_ROOT / "results"))
+    p.add_argument("--penalty-dir", default=default_penalty_dir(),
+                   help="natural images for the LGST penalty; default datasets/imagenet_penalty, else the DTD subset")
     args = p.parse_args()
 
     py = sys.executable
@@ -68,11 +78,19 @@ def main() -> None:
     if args.categories:
         common += ["--categories", *args.categories]
     masks = ["--masks-root", args.masks_root]
-    synthetic_labels = ["--labels", "component-maps"] if args.dataset == "synthetic_loco" else []
+    stage1 = masks
+    synthetic_labels = []
+    if args.dataset == "synthetic_loco":
+        # Stage 1 in --fast mode runs tiny random Grounding DINO / HQ-SAM models: it proves the pipeline, but its
+        # labels are meaningless. The segmentor therefore trains on the generator's true component maps, and the
+        # stage-1 output goes to a folder of its own.
+        stage1 = ["--masks-root", str(Path(args.masks_root).with_name(Path(args.masks_root).name + "_stage1_demo"))]
+        synthetic_labels = ["--labels", "component-maps"]
+    penalty = ["--penalty-dir", args.penalty_dir] if args.penalty_dir else ["--no-penalty"]
     commands = {
-        "pseudo_label": [py, "pseudo_label.py", *common, *masks],
+        "pseudo_label": [py, "pseudo_label.py", *common, *stage1],
         "train_segmentor": [py, "train_segmentor.py", *common, *masks, *synthetic_labels],
-        "CSAD": [py, "CSAD.py", *common, *masks],
+        "CSAD": [py, "CSAD.py", *common, *penalty],
         "sinbad": [py, "sinbad.py", *common],
         "sapatchcore": [py, "sapatchcore.py", *common],
         "glass": [py, "glass.py", *common],
