@@ -18,7 +18,7 @@ from common.cli import REPO_ROOT, SHARED_DIR
 # The shared ImageNet EfficientNet-Lite0 weights make the CPU demo meaningful; without them it uses random weights.
 LITE0_SHARED = SHARED_DIR / "weights" / "efficientnet-lite0-57934424.pth"
 LITE0_CKPT = REPO_ROOT / "ckpt" / "efficientnet-lite0-57934424.pth"
-STEPS = ("pseudo_label", "train_segmentor", "CSAD", "sinbad", "sapatchcore", "glass", "benchmark")
+STEPS = ("pseudo_label", "train_segmentor", "CSAD", "sinbad", "sapatchcore", "patchcore", "glass", "benchmark")
 
 
 def demo_backbone(args) -> list[str]:
@@ -60,6 +60,10 @@ def main() -> None:
 
     py = sys.executable
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not args.full:
+        # --fast tensors are tiny: one thread avoids OpenMP oversubscription, which on a busy 2-core machine
+        # made the LGST steps up to 30x slower.
+        env.setdefault("OMP_NUM_THREADS", "1")
     data_root = args.data_root or str(REPO_ROOT / "datasets" / args.dataset)
     timings: list[tuple[str, float]] = []
 
@@ -93,6 +97,7 @@ def main() -> None:
         "CSAD": [py, "CSAD.py", *common, *penalty],
         "sinbad": [py, "sinbad.py", *common],
         "sapatchcore": [py, "sapatchcore.py", *common],
+        "patchcore": [py, "sapatchcore.py", *common, "--method", "patchcore"],
         "glass": [py, "glass.py", *common],
         "benchmark": [py, "benchmark_performance.py", "--dataset", args.dataset, "--data-root", data_root,
                       "--score-dir", args.score_dir, "--out-dir", args.results_dir, "--masks-root", args.masks_root]
