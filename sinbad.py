@@ -147,14 +147,9 @@ def check_compatible(unit_scores: dict) -> None:
 
 def auroc_by_group(data, groups: dict) -> dict:
     """Image AUROC per labelled group, for the log only (benchmark_performance.py does the evaluation)."""
-    from sklearn.metrics import roc_auc_score
+    from evaluation.metrics import group_aurocs
 
-    out = {}
-    for g, samples in data.score_groups().items():
-        labels = [s.label for s in samples]
-        if g in groups and 0 < sum(labels) < len(labels):
-            out[g] = float(roc_auc_score(labels, groups[g]))
-    return out
+    return group_aurocs(data, groups)
 
 
 def write_benchmark(args, bench: dict) -> None:

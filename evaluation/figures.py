@@ -41,7 +41,9 @@ def pick_examples(samples: Sequence[Sample], n: int = 8) -> list[Sample]:
 
 def roc_figure(data: CategoryData, methods: Sequence[str], score_dir: Path, out_path: Path) -> Path | None:
     """One panel per test group (logical / structural, or test), one ROC curve per method."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
+
+    from evaluation.metrics import image_auroc
 
     groups = [g for g in data.score_groups() if g != "val"]
     curves = {}
@@ -52,7 +54,7 @@ def roc_figure(data: CategoryData, methods: Sequence[str], score_dir: Path, out_
             if score_path(data.category, m, g, score_dir).is_file() and 0 < labels.sum() < len(labels):
                 s = load_scores(data.category, m, g, samples, score_dir)
                 fpr, tpr, _ = roc_curve(labels, s)
-                curves.setdefault(g, []).append((m, fpr, tpr, roc_auc_score(labels, s)))
+                curves.setdefault(g, []).append((m, fpr, tpr, image_auroc(s, labels)))
     if not curves:
         return None
     plt = _plt()

@@ -56,6 +56,16 @@ def image_auroc(scores, labels) -> float:
     return auroc_from_groups(*_split_by_label(scores, labels))
 
 
+def group_aurocs(data, scores_by_group: dict) -> dict[str, float]:
+    """Image AUROC in [0, 1] of each score group (logi / struc / test) that holds both good and anomalous images."""
+    out = {}
+    for g, samples in data.score_groups().items():
+        labels = [s.label for s in samples]
+        if g in scores_by_group and 0 < sum(labels) < len(labels):
+            out[g] = image_auroc(scores_by_group[g], labels)
+    return out
+
+
 def pixel_auroc(maps, masks) -> float:
     """Pixel AUROC over all pixels of all images (good images count fully). maps/masks: (N, H, W) or lists."""
     neg, pos = [], []

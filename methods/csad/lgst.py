@@ -457,16 +457,10 @@ def benchmark_latency(model: LGSTModel, device, input_size: int, warmup: int = 5
 
 def group_aurocs(scores: np.ndarray, data) -> dict[str, float]:
     """Image AUROC x 100 per test score group (logi / struc, or test), for logging and --select-on-test."""
-    from sklearn.metrics import roc_auc_score
-
+    from evaluation.metrics import group_aurocs as aurocs
     from evaluation.score_files import scores_for_samples
 
-    out = {}
-    for g, s in scores_for_samples(np.asarray(scores), data.test, data).items():
-        labels = [x.label for x in data.score_groups()[g]]
-        if len(set(labels)) == 2:
-            out[g] = 100.0 * roc_auc_score(labels, s)
-    return out
+    return {g: 100.0 * a for g, a in aurocs(data, scores_for_samples(np.asarray(scores), data.test, data)).items()}
 
 
 def checkpoint_path(ckpt_dir: str | Path, category: str) -> Path:
