@@ -4,6 +4,7 @@ and speed.json (table + environment) to --out-dir. Protocol and measured tables:
 
     OMP_NUM_THREADS=2 python benchmark_speed.py                  # all methods, CPU settings, random weights
     python benchmark_speed.py --device cuda --dtype fp16         # GPU protocol: 200 warm-up, 1000 timed calls
+    python benchmark_speed.py --methods csad --official-csad-timing   # + the official script's protocol
     python benchmark_speed.py --methods csad lgst --backbone efficientnet_lite0 --weights ../shared/weights/efficientnet-lite0-57934424.pth
 """
 from __future__ import annotations
@@ -45,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds per timing before fewer calls are made (CPU 10; GPU: none); 0 = no budget")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all cores)")
     p.add_argument("--dtd-root", default=None, help="DTD textures for GLASS training (random textures if missing)")
+    p.add_argument("--official-csad-timing", action="store_true",
+                   help="add a 'csad_official' row timed as the official script does (batch 8, no synchronize)")
     p.add_argument("--fast", action="store_true", help="each method's --fast sizes (tests, demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(OUT_DIR))
@@ -62,6 +65,8 @@ def main(argv=None) -> list[dict]:
         methods = expand_methods(args.methods)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    if args.official_csad_timing:
+        methods.append("csad_official")
     d = defaults_for_device(device)
     budget = d["budget_s"] if args.budget_s is None else (args.budget_s or None)
     rows = []
@@ -79,7 +84,7 @@ def main(argv=None) -> list[dict]:
             log.info("%s ...", m)
             row = run_method(m, s)
             rows.append(row)
-            log.info("%s: %.1f ms/img, %.2f img/s at batch %d, training %.2f %s, peak %.0f / %.0f MiB", m,
+            log.info("%s: %.1f ms/img, %.2f img/s at batch %d, training %s %s, peak MiB %s / %s", m,
                      row["latency_ms"], row["throughput_img_s"], row["best_batch"], row["train_s"],
                      row["train_unit"], row["peak_infer_mib"], row["peak_train_mib"])
         env = environment(s)

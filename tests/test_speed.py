@@ -58,7 +58,7 @@ def test_measure_inference_picks_the_best_batch():
 def test_measure_inference_skips_batches_over_the_budget():
     s = speed.Settings(device=CPU, warmup=0, runs=1, batch_sizes=(1, 2, 64), budget_s=0.5)
     row = speed.measure_inference(s, lambda: (lambda x: time.sleep(0.02)), lambda b: torch.zeros(b, 1))
-    # batch 64 is predicted at 2 x 64 x 20 ms = 2.6 s > 0.5 s: skipped; batch 2 runs
+    # one call at batch 64 is predicted at 64 x 20 ms = 1.3 s > 0.5 s: skipped; batch 2 runs
     assert row["batches"] == "1 2"
     assert row["throughput_img_s"] == pytest.approx(2 / 0.02, rel=0.35)
 
@@ -149,3 +149,14 @@ def test_end_to_end_fast(tmp_path):
     weight_mib = sum(p.numel() for p in torchvision.models.wide_resnet50_2().parameters()) * 4 / 2 ** 20
     assert pc["peak_infer_mib"] >= 0.9 * weight_mib
     assert "speed does not depend on weight values" in (out / "speed.md").read_text()
+
+
+def test_official_csad_timing_row(tmp_path):
+    """The official protocol row: batch 8, latency = call time / 8, throughput = 8 images per call."""
+    s = speed.Settings(device=CPU, fast=True, budget_s=1.0, work_dir=tmp_path)
+    row = speed.run_method("csad_official", s)
+    assert row["best_batch"] == 8 and row["train_s"] == "" and row["runs"] >= 1
+    assert row["throughput_img_s"] * row["latency_ms"] == pytest.approx(1000.0)
+    assert "8.9 ms/img" in row["anchor"] and "no per-call synchronisation" in row["stages"]
+    t = speed.time_fn(lambda: time.sleep(0.01), CPU, warmup=0, runs=2, sync_each=False)
+    assert t["runs"] == 2 and t["median_ms"] >= 9.5
