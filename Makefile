@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test data clean-outputs
+.PHONY: setup demo test data speed clean-outputs
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+speed: setup
+	$(PY) benchmark_speed.py
 
 clean-outputs:
 	rm -rf anomaly_score/*_score.* anomaly_score/anomaly_maps results
