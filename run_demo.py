@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--ckpt-dir", default=str(REPO_ROOT / "ckpt"))
     p.add_argument("--masks-root", default=str(REPO_ROOT / "datasets" / "masks"))
     p.add_argument("--results-dir", default=str(REPO_ROOT / "results"))
+    p.add_argument("--pairs", nargs="+", default=None, help="cross-method fusions for the benchmark, e.g. LGST+sinbad")
     p.add_argument("--penalty-dir", default=default_penalty_dir(),
                    help="natural images for the LGST penalty; default datasets/imagenet_penalty, else the DTD subset")
     args = p.parse_args()
@@ -101,7 +102,8 @@ def main() -> None:
         "glass": [py, "glass.py", *common],
         "benchmark": [py, "benchmark_performance.py", "--dataset", args.dataset, "--data-root", data_root,
                       "--score-dir", args.score_dir, "--out-dir", args.results_dir, "--masks-root", args.masks_root]
-                     + (["--categories", *args.categories] if args.categories else []),
+                     + (["--categories", *args.categories] if args.categories else [])
+                     + (["--pairs", *args.pairs] if args.pairs else []),
     }
     for step in STEPS:
         if step in args.steps:
