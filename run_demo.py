@@ -33,12 +33,12 @@ def demo_backbone(args) -> list[str]:
     return ["--backbone", "efficientnet_lite0", "--weights", "random"]
 
 
-def default_penalty_dir() -> str | None:
-    for path in (REPO_ROOT / "datasets" / "imagenet_penalty", REPO_ROOT / "datasets" / "dtd" / "images",
-                 SHARED_DIR / "data" / "dtd_small" / "images"):
-        if path.is_dir():
-            return str(path)
-    return None
+SYNTHETIC_TEXTURES = REPO_ROOT / "datasets" / "synthetic_textures"
+DTD_DIRS = (REPO_ROOT / "datasets" / "dtd" / "images", SHARED_DIR / "data" / "dtd_small" / "images")
+
+
+def first_dir(paths) -> str | None:
+    return next((str(p) for p in paths if p.is_dir()), None)
 
 
 def main() -> None:
@@ -55,8 +55,10 @@ def main() -> None:
     p.add_argument("--masks-root", default=str(REPO_ROOT / "datasets" / "masks"))
     p.add_argument("--results-dir", default=str(REPO_ROOT / "results"))
     p.add_argument("--pairs", nargs="+", default=None, help="cross-method fusions for the benchmark, e.g. LGST+sinbad")
-    p.add_argument("--penalty-dir", default=default_penalty_dir(),
-                   help="natural images for the LGST penalty; default datasets/imagenet_penalty, else the DTD subset")
+    p.add_argument("--dtd-root", default=first_dir(DTD_DIRS),
+                   help="GLASS textures; default datasets/dtd/images or the shared DTD subset, else generated textures")
+    p.add_argument("--penalty-dir", default=first_dir((REPO_ROOT / "datasets" / "imagenet_penalty", *DTD_DIRS)),
+                   help="LGST penalty images; default datasets/imagenet_penalty, then DTD, else generated textures")
     args = p.parse_args()
 
     py = sys.executable
@@ -77,6 +79,12 @@ def main() -> None:
     t_start = time.time()
     if args.dataset == "synthetic_loco" and args.data_root is None:
         run("generate", [py, "-m", "dataset_readers.synthetic_loco", "--root", data_root, "--component-maps"])
+
+    if not args.full and (args.dtd_root is None or args.penalty_dir is None):
+        # A fresh machine without DTD: procedural textures stand in, so that GLASS and LGST still run.
+        run("textures", [py, "-m", "dataset_readers.synthetic_textures", "--root", str(SYNTHETIC_TEXTURES)])
+        args.dtd_root = args.dtd_root or str(SYNTHETIC_TEXTURES)
+        args.penalty_dir = args.penalty_dir or str(SYNTHETIC_TEXTURES)
 
     common = ["--dataset", args.dataset, "--data-root", data_root, "--score-dir", args.score_dir,
               "--ckpt-dir", args.ckpt_dir] + demo_backbone(args) + ([] if args.full else ["--fast"])
@@ -99,7 +107,7 @@ def main() -> None:
         "sinbad": [py, "sinbad.py", *common],
         "sapatchcore": [py, "sapatchcore.py", *common],
         "patchcore": [py, "sapatchcore.py", *common, "--method", "patchcore"],
-        "glass": [py, "glass.py", *common],
+        "glass": [py, "glass.py", *common] + (["--dtd-root", args.dtd_root] if args.dtd_root else []),
         "benchmark": [py, "benchmark_performance.py", "--dataset", args.dataset, "--data-root", data_root,
                       "--score-dir", args.score_dir, "--out-dir", args.results_dir, "--masks-root", args.masks_root]
                      + (["--categories", *args.categories] if args.categories else [])
