@@ -99,7 +99,8 @@ def main() -> None:
         # stage-1 output goes to a folder of its own.
         stage1 = ["--masks-root", str(Path(args.masks_root).with_name(Path(args.masks_root).name + "_stage1_demo"))]
         synthetic_labels = ["--labels", "component-maps"]
-    penalty = ["--penalty-dir", args.penalty_dir] if args.penalty_dir else ["--no-penalty"]
+    # No folder in a --full run: CSAD.py stops with its own error naming what to download.
+    penalty = ["--penalty-dir", args.penalty_dir] if args.penalty_dir else []
     commands = {
         "pseudo_label": [py, "pseudo_label.py", *common, *stage1],
         "train_segmentor": [py, "train_segmentor.py", *common, *masks, *synthetic_labels],
