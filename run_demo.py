@@ -18,7 +18,7 @@ from common.cli import REPO_ROOT, SHARED_DIR
 # The shared ImageNet EfficientNet-Lite0 weights make the CPU demo meaningful; without them it uses random weights.
 LITE0_SHARED = SHARED_DIR / "weights" / "efficientnet-lite0-57934424.pth"
 LITE0_CKPT = REPO_ROOT / "ckpt" / "efficientnet-lite0-57934424.pth"
-STEPS = ("pseudo_label", "train_segmentor", "CSAD", "sinbad", "sapatchcore", "patchcore", "glass", "benchmark")
+STEPS = ("pseudo_label", "train_segmentor", "CSAD", "sinbad", "sapatchcore", "patchcore", "glass", "mean_image", "benchmark")
 
 
 def demo_backbone(args) -> list[str]:
@@ -109,6 +109,7 @@ def main() -> None:
         "sapatchcore": [py, "sapatchcore.py", *common],
         "patchcore": [py, "sapatchcore.py", *common, "--method", "patchcore"],
         "glass": [py, "glass.py", *common] + (["--dtd-root", args.dtd_root] if args.dtd_root else []),
+        "mean_image": [py, "-m", "methods.mean_image", *common],  # sanity baseline: distance to the mean image
         "benchmark": [py, "benchmark_performance.py", "--dataset", args.dataset, "--data-root", data_root,
                       "--score-dir", args.score_dir, "--out-dir", args.results_dir, "--masks-root", args.masks_root]
                      + (["--categories", *args.categories] if args.categories else [])
