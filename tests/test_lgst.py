@@ -244,9 +244,13 @@ def test_fast_run_ranks_structural_anomalies_and_writes_the_contract(fast_run, l
     good_scores = scores["struc"][labels == 0]
     # every clearly anomalous image scores above every normal test image
     assert scores["struc"][clear].min() > good_scores.max(), (scores["struc"][clear], good_scores)
-    # the whole structural group: the generator's own small defects (weak after 500 fast iterations) + the clear ones
+    # the whole structural group: the generator's own small defects + the clear ones
     auroc = roc_auc_score(labels, scores["struc"])
-    assert auroc >= 0.65, f"LGST structural AUROC {auroc:.3f} on the synthetic data"
+    assert auroc >= 0.75, f"LGST structural AUROC {auroc:.3f} on the synthetic data (measured 0.82)"
+    # the generator's own scratches, blobs and broken parts alone (measured 0.73 at the --fast settings)
+    own = ~clear
+    auroc_own = roc_auc_score(labels[own], scores["struc"][own])
+    assert auroc_own >= 0.65, f"LGST structural AUROC {auroc_own:.3f} on the generator's defects"
     # good test images appear in both groups with the same score
     n_good = sum(1 for s in groups["logi"] if s.label == 0)
     np.testing.assert_array_equal(scores["logi"][:n_good], scores["struc"][:n_good])

@@ -65,7 +65,7 @@ class LGSTConfig:
     @classmethod
     def fast(cls, **overrides) -> "LGSTConfig":
         # A short schedule needs a larger step than the official 2e-4 tuned for 60k iterations.
-        base = dict(input_size=64, channels=64, student_width=16, ae_base=32, iterations=500, lr=1e-3,
+        base = dict(input_size=128, channels=64, student_width=16, ae_base=32, iterations=1000, lr=1e-3,
                     eval_freq=100)
         base.update(overrides)
         return cls(**base)
