@@ -21,7 +21,7 @@ from dataset_readers.base import GOOD, image_size, load_image
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform, make_loader
 from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
 from methods.glass_las import LASDataset, list_textures
-from methods.maps import upsample_and_smooth
+from methods.maps import resized_hw, uncrop, upsample_and_smooth
 from models.feature_extractor import FeatureExtractor, local_patch_features
 from models.glass_nets import Adaptor, Discriminator
 
@@ -251,23 +251,9 @@ def class_resize(category: str, cfg: GlassConfig) -> int:
     return cfg.resize
 
 
-def resized_hw(w: int, h: int, resize: int) -> tuple[int, int]:
-    """torchvision Resize(int) output (H, W): shorter side -> resize."""
-    if w <= h:
-        return int(resize * h / w), resize
-    return resize, int(resize * w / h)
-
-
 def uncrop_map(m: np.ndarray, w: int, h: int, resize: int, crop: int) -> np.ndarray:
-    """Place a crop x crop map back into the resized frame (margins get the map's minimum), so that resizing it to
-    the original image size aligns with the ground truth even for non-square images (VisA) or 329-crops."""
-    rh, rw = resized_hw(w, h, resize)
-    if (rh, rw) == (crop, crop):
-        return m
-    canvas = np.full((rh, rw), m.min(), dtype=np.float32)
-    top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))
-    canvas[max(top, 0):top + crop, max(left, 0):left + crop] = m[max(-top, 0):, max(-left, 0):][:rh, :rw]
-    return canvas
+    """One crop x crop map back into the Resize(resize) frame of a w x h image (see methods.maps.uncrop)."""
+    return uncrop(m[None], resized_hw(w, h, resize), crop)[0]
 
 
 def gt_at_crop(sample: Sample, resize: int, crop: int, binarize: bool) -> np.ndarray:

@@ -21,7 +21,7 @@ from dataset_readers.base import CategoryData, Sample, image_size
 from dataset_readers.torch_data import imagenet_transform, make_loader
 from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
 from methods.knn import knn
-from methods.maps import upsample_and_smooth
+from methods.maps import resized_hw, uncrop, upsample_and_smooth
 from models.feature_extractor import FeatureExtractor, local_patch_features
 from models.self_attention import channel_self_attention
 
@@ -227,20 +227,7 @@ def resized_size(sample: Sample, resize: Sequence[int]) -> tuple[int, int]:
     """(h, w) after torchvision Resize: an int resizes the shorter side, (h, w) is exact."""
     if len(resize) == 2:
         return int(resize[0]), int(resize[1])
-    w, h = image_size(sample.path)
-    s = int(resize[0])
-    return (int(s * h / w), s) if w <= h else (s, int(s * w / h))
-
-
-def uncrop(maps: np.ndarray, resized: tuple[int, int], crop: int) -> np.ndarray:
-    """Place centre-crop maps (N, crop, crop) back into the resized frame; unseen borders get each map's min."""
-    if not crop:
-        return maps
-    h, w = resized
-    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-    canvas = np.repeat(maps.reshape(len(maps), -1).min(1)[:, None, None], h, 1).repeat(w, 2).astype(np.float32)
-    canvas[:, top:top + crop, left:left + crop] = maps
-    return canvas
+    return resized_hw(*image_size(sample.path), int(resize[0]))
 
 
 # ----------------------------------------------------------------------------------------------- pipeline

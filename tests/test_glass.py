@@ -139,7 +139,8 @@ def test_uncrop_map_places_crop_in_resized_frame():
     assert out.shape == (4, 6)
     np.testing.assert_array_equal(out[:, 1:5], m)
     assert (out[:, [0, 5]] == m.min()).all()
-    assert uncrop_map(m, 8, 8, 4, 4) is m
+    same = uncrop_map(m, 8, 8, 4, 4)  # no crop to undo: m itself, not a copy
+    assert np.shares_memory(same, m) and np.array_equal(same, m)
 
 
 def test_missing_textures_and_fg_masks_are_clear_errors(tmp_path):
