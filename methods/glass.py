@@ -16,8 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from common import atomic_write_json, get_logger, load_checkpoint, save_checkpoint, seed_everything
-from dataset_readers import DatasetError, Sample, dataset_root, read_category
-from dataset_readers.base import GOOD, image_size, load_image
+from dataset_readers import DatasetError, Sample, read_category
+from dataset_readers.base import GOOD, image_size
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform, make_loader
 from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
 from methods.glass_las import LASDataset, list_textures
