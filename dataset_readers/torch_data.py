@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from tqdm import tqdm
+
 import torch
 from torchvision import transforms as T
 
-from .base import Sample, load_image
+from .base import DatasetError, Sample, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,3 +42,11 @@ def make_loader(samples: Sequence[Sample], transform: Callable, batch_size: int 
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size, shuffle=shuffle,
                                        num_workers=workers, generator=g, pin_memory=torch.cuda.is_available())
+
+
+def load_stack(samples: Sequence[Sample], transform: Callable, batch_size: int = 16, desc: str = "load") -> torch.Tensor:
+    """All images of `samples` through `transform`, stacked in reader order (for sets that fit in memory)."""
+    batches = [x for x, _ in tqdm(make_loader(samples, transform, batch_size=batch_size), desc=desc, leave=False)]
+    if not batches:
+        raise DatasetError(f"no images to load for '{desc}'")
+    return torch.cat(batches)

@@ -12,12 +12,11 @@ import argparse
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common import get_logger, pick_device, seed_everything, set_threads
 from common.cli import add_common_args, resolve_categories
 from dataset_readers import CategoryData, read_category
-from dataset_readers.torch_data import imagenet_transform, make_loader
+from dataset_readers.torch_data import imagenet_transform, load_stack
 from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
 
 METHOD = "mean_image"
@@ -30,9 +29,7 @@ LOG = get_logger(METHOD)
 
 
 def load_images(samples, resolution: int, device: torch.device, desc: str) -> torch.Tensor:
-    loader = make_loader(samples, imagenet_transform((resolution, resolution)), batch_size=BATCH_SIZE)
-    batches = [x for x, _ in tqdm(loader, desc=desc, leave=False, disable=None)]
-    return torch.cat(batches).to(device)
+    return load_stack(samples, imagenet_transform((resolution, resolution)), BATCH_SIZE, desc).to(device)
 
 
 def distance_maps(images: torch.Tensor, mean_image: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common import get_logger, load_checkpoint, save_checkpoint
 from dataset_readers.base import IMAGE_SUFFIXES, DatasetError, Sample
-from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset
+from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, load_stack
 from models.efficientad import AutoEncoder, LocalStudent
 from models.feature_extractor import FeatureExtractor
 
@@ -242,11 +242,7 @@ def load_images(samples: Sequence[Sample], size: int, batch_size: int = 16, desc
     on the device."""
     tf = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
                     T.PILToTensor()])
-    loader = torch.utils.data.DataLoader(ImageDataset(samples, tf), batch_size=batch_size, shuffle=False)
-    out = [x for x, _ in tqdm(loader, desc=desc, leave=False)]
-    if not out:
-        raise DatasetError(f"no images to load for '{desc}'")
-    return torch.cat(out)
+    return load_stack(samples, tf, batch_size, desc)
 
 
 def to_input(x_uint8: torch.Tensor) -> torch.Tensor:
