@@ -22,7 +22,7 @@ from common import atomic_write_json, atomic_write_text, get_logger
 from dataset_readers import CategoryData, DatasetError, read_category, union_mask
 from evaluation import metrics as M
 from evaluation.fusion import fuse, subsets
-from evaluation.score_files import ScoreFileError, anomaly_map_path, load_anomaly_map, load_scores, score_path
+from evaluation.score_files import ScoreFileError, anomaly_map_path, load_anomaly_map, load_scores, safe_category, score_path
 
 LOG = get_logger("benchmark")
 PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
@@ -67,7 +67,7 @@ class Row:
 
 def sinbad_levels(category: str, score_dir: Path) -> list[str]:
     """Per-level SINBAD score files present for a category, by level."""
-    safe = category.replace("/", "__")
+    safe = safe_category(category)
     names = set()
     for p in Path(score_dir).glob(f"{safe}_sinbad_L*_*_score.npy"):
         m = re.match(rf"^{re.escape(safe)}_(sinbad_L\d+)_[a-z]+_score\.npy$", p.name)

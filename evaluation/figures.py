@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from dataset_readers.base import GOOD, CategoryData, Sample, load_image
-from evaluation.score_files import anomaly_map_path, load_anomaly_map, load_scores, score_path
+from evaluation.score_files import anomaly_map_path, load_anomaly_map, load_scores, safe_category, score_path
 
 GROUP_TITLES = {"logi": "logical", "struc": "structural", "test": "test"}
 
@@ -125,7 +125,7 @@ def segmentation_figure(data: CategoryData, seg_dir: Path, out_path: Path, n: in
 def write_figures(data: CategoryData, methods: Sequence[str], score_dir: str | Path, out_dir: str | Path,
                   seg_dir: str | Path | None = None, n: int = 8) -> list[Path]:
     score_dir, out_dir = Path(score_dir), Path(out_dir)
-    cat = data.category.replace("/", "__")
+    cat = safe_category(data.category)
     written = [roc_figure(data, methods, score_dir, out_dir / cat / "roc.png")]
     written += [overlay_figure(data, m, score_dir, out_dir / cat / f"overlay_{m}.png", n) for m in methods]
     if seg_dir is not None:

@@ -24,12 +24,13 @@ class ScoreFileError(RuntimeError):
     pass
 
 
-def _safe(category: str) -> str:
-    return category.replace("/", "__")  # MAD categories are "Person_1/bottle"
+def safe_category(category: str) -> str:
+    """A file-name form of a category: MAD categories are "Person_1/bottle"."""
+    return category.replace("/", "__")
 
 
 def score_path(category: str, method: str, group: str, score_dir: str | Path = DEFAULT_SCORE_DIR) -> Path:
-    return Path(score_dir) / f"{_safe(category)}_{method}_{group}_score.npy"
+    return Path(score_dir) / f"{safe_category(category)}_{method}_{group}_score.npy"
 
 
 def sample_key(sample: Sample) -> str:

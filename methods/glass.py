@@ -19,7 +19,7 @@ from common import atomic_write_json, get_logger, load_checkpoint, save_checkpoi
 from dataset_readers import DatasetError, Sample, read_category
 from dataset_readers.base import GOOD, image_size
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform, make_loader
-from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
+from evaluation.score_files import safe_category, save_anomaly_maps, save_group_scores, scores_for_samples
 from methods.glass_las import LASDataset, list_textures
 from methods.maps import resized_hw, uncrop, upsample_and_smooth
 from models.feature_extractor import FeatureExtractor, local_patch_features
@@ -385,7 +385,7 @@ def predict(model: Glass, samples: Sequence[Sample], cfg: GlassConfig, resize: i
 
 # ---------------------------------------------------------------- one category, end to end
 def ckpt_folder(ckpt_dir: str | Path, dataset: str, category: str) -> Path:
-    return Path(ckpt_dir) / METHOD / dataset / category.replace("/", "__")
+    return Path(ckpt_dir) / METHOD / dataset / safe_category(category)
 
 
 def run_category(backbone: nn.Module, dataset: str, category: str, cfg: GlassConfig, *, data_root=None,
