@@ -23,7 +23,7 @@ from PIL import Image
 from common.io import atomic_path
 from dataset_readers.base import CategoryData, Sample
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, make_loader
-from evaluation.score_files import _safe, sample_key
+from evaluation.score_files import safe_category, sample_key
 from methods.knn import knn
 
 DEEP_LAYERS = {7: "layer4", 14: "layer3", 28: "layer2", 56: "layer1"}  # level = cells per side at 224 px
@@ -321,7 +321,7 @@ def work_dir(score_dir: str | Path) -> Path:
 
 
 def unit_path(score_dir: str | Path, category: str, level: int, n_crops: int) -> Path:
-    return work_dir(score_dir) / _safe(category) / f"L{level}_c{n_crops}.npz"
+    return work_dir(score_dir) / safe_category(category) / f"L{level}_c{n_crops}.npz"
 
 
 COMPAT_KEYS = ("canvas", "crop_num_edge", "set_res", "quantiles", "official_thresholds", "whiten", "seed", "fast")
