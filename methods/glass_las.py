@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
+from common.cli import REPO_ROOT, SHARED_DIR
 from dataset_readers.base import DatasetError, Sample, load_image
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DTD = Path(os.environ.get("AD_SHARED_DIR", REPO_ROOT.parent / "shared")) / "data" / "dtd_small" / "images"
+SHARED_DTD = SHARED_DIR / "data" / "dtd_small" / "images"
 LOCAL_DTD = REPO_ROOT / "datasets" / "dtd" / "images"
 MAX_MASK_TRIES = 1000
 

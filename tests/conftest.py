@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.cli import SHARED_DIR
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("AD_SHARED_DIR", REPO_ROOT.parent / "shared"))
+SHARED = SHARED_DIR
 JUICE_ROOT = SHARED / "data" / "mvtec_loco_small"
 DTD_ROOT = SHARED / "data" / "dtd_small" / "images"
 LITE0_WEIGHTS = SHARED / "weights" / "efficientnet-lite0-57934424.pth"
