@@ -46,7 +46,10 @@ def make_loader(samples: Sequence[Sample], transform: Callable, batch_size: int 
 
 def load_stack(samples: Sequence[Sample], transform: Callable, batch_size: int = 16, desc: str = "load") -> torch.Tensor:
     """All images of `samples` through `transform`, stacked in reader order (for sets that fit in memory)."""
-    batches = [x for x, _ in tqdm(make_loader(samples, transform, batch_size=batch_size), desc=desc, leave=False)]
+    # A plain loader, as LGST always used: its iterator seed comes from the global RNG, which seeded training
+    # runs depend on.
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size, shuffle=False)
+    batches = [x for x, _ in tqdm(loader, desc=desc, leave=False)]
     if not batches:
         raise DatasetError(f"no images to load for '{desc}'")
     return torch.cat(batches)
