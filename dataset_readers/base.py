@@ -1,6 +1,8 @@
 """The sample record every reader returns, and checked image/mask loading."""
 from __future__ import annotations
 
+from common.errors import UserError
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +15,7 @@ STRUCTURAL = "structural_anomalies"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPG", ".PNG")
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset problem the user must fix; the message names the path and the fix."""
 
 

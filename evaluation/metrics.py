@@ -13,6 +13,8 @@ cost is one sort of the pixels and no loop over thresholds.
 """
 from __future__ import annotations
 
+from common.errors import UserError
+
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -22,7 +24,7 @@ SPRO_HEADLINE_LIMIT = 0.05
 AUPRO_LIMIT = 0.3
 
 
-class MetricError(ValueError):
+class MetricError(UserError, ValueError):
     pass
 
 

@@ -7,6 +7,8 @@ original image size), the layout MVTec's official LOCO evaluation reads.
 """
 from __future__ import annotations
 
+from common.errors import UserError
+
 import json
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -20,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SCORE_DIR = REPO_ROOT / "anomaly_score"
 
 
-class ScoreFileError(RuntimeError):
+class ScoreFileError(UserError, RuntimeError):
     pass
 
 

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from common.errors import MissingWeightsError, WeightsError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_ENV = "AD_WEIGHTS_DIR"  # a folder searched before ckpt/
 
@@ -101,9 +103,9 @@ def find_weights(name: str, path: str | os.PathLike | None = None) -> Path:
         packaged = packaged_weights(spec)
         if packaged is not None:
             if sha256_of(packaged) != spec.sha256:  # the package is trusted only with the exact file
-                raise RuntimeError(f"{packaged}: sha256 is not {spec.sha256}; reinstall {spec.url}")
+                raise WeightsError(f"{packaged}: sha256 is not {spec.sha256}; reinstall {spec.url}")
             return packaged
-    raise FileNotFoundError(
+    raise MissingWeightsError(
         f"weights for {name} not found (looked in {', '.join(map(str, candidates))}); download {spec.filename} "
         f"(sha256 {spec.sha256}{'…' if len(spec.sha256) < 64 else ''}) from {spec.url} into ckpt/, "
         f"or pass its path, or use --weights random for a smoke test")
@@ -138,25 +140,25 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, verify: b
         file = find_weights(name, weights)
         digest = sha256_of(file)
         if verify and not digest.startswith(spec.sha256):
-            raise RuntimeError(f"{file}: sha256 does not start with {spec.sha256}; re-download it from {spec.url}")
+            raise WeightsError(f"{file}: sha256 does not start with {spec.sha256}; re-download it from {spec.url}")
         state = _read_state(file, name, spec)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise RuntimeError(f"{file} is not a state dict of tensors; download {spec.filename} from {spec.url}")
+            raise WeightsError(f"{file} is not a state dict of tensors; download {spec.filename} from {spec.url}")
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
-            raise RuntimeError(f"{file}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); the file is corrupt, "
+            raise WeightsError(f"{file}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); the file is corrupt, "
                                f"download {spec.filename} (sha256 {spec.sha256}) again from {spec.url}")
         own = model.state_dict()
         if spec.map_keys_by_position:
             if len(state) != len(own):
-                raise RuntimeError(f"{file}: {len(state)} tensors, {name} expects {len(own)}")
+                raise WeightsError(f"{file}: {len(state)} tensors, {name} expects {len(own)}")
             state = dict(zip(own.keys(), state.values()))
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise RuntimeError(f"{file} does not fit {name}: {str(exc).splitlines()[0]}") from None
+            raise WeightsError(f"{file} does not fit {name}: {str(exc).splitlines()[0]}") from None
         model.weights_file, model.weights_sha256 = str(file), digest
     model.layer_aliases = dict(spec.layers)  # read by FeatureExtractor
     model.backbone_name = name
@@ -173,15 +175,15 @@ def _read_state(file: Path, name: str, spec: BackboneSpec):
         try:
             return load_file(str(file))
         except Exception as exc:
-            raise RuntimeError(f"{file}: not a readable safetensors file ({str(exc).splitlines()[0]}); {again}") from None
+            raise WeightsError(f"{file}: not a readable safetensors file ({str(exc).splitlines()[0]}); {again}") from None
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         msg = str(exc)
         if "weights_only" in msg or "Unsupported global" in msg or "unpickl" in msg.lower():
-            raise RuntimeError(f"{file} is not a plain weights file (it asks to run pickled code) and is not loaded "
+            raise WeightsError(f"{file} is not a plain weights file (it asks to run pickled code) and is not loaded "
                                f"unsafely; {again}") from None
-        raise RuntimeError(f"{file}: not a readable weights file (truncated or corrupt: "
+        raise WeightsError(f"{file}: not a readable weights file (truncated or corrupt: "
                            f"{msg.splitlines()[0] if msg else type(exc).__name__}); {again}") from None
 
 

@@ -17,6 +17,8 @@ Windows glob order, which is sorted).
 """
 from __future__ import annotations
 
+from common.errors import UserError
+
 import os
 from pathlib import Path
 
@@ -47,7 +49,7 @@ STEMS_FILE = "image_stems.txt"  # ours, optional: the stems in index order (abse
 log = get_logger("csad.label_layout")
 
 
-class LayoutError(RuntimeError):
+class LayoutError(UserError, RuntimeError):
     """A missing or inconsistent pseudo-label file; the message names it and the fix."""
 
 

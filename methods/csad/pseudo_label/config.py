@@ -1,6 +1,8 @@
 """Per-category stage-1 settings, read from configs/csad_pseudo_label.json (one table, no code branches)."""
 from __future__ import annotations
 
+from common.errors import UserError
+
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -10,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "csad_pseudo_label.json"
 
 
-class PseudoLabelError(RuntimeError):
+class PseudoLabelError(UserError, RuntimeError):
     """A stage-1 problem the user must fix; the message says what and how."""
 
 

@@ -1,0 +1,45 @@
+"""The project's user-facing errors and the guard every script's main() runs under.
+
+A UserError is a mistake in the user's input or setup (a missing or corrupt file, a wrong size, an unknown
+name, an unwritable folder): its message is one line that names the file and the fix. Scripts print it alone
+(no traceback) and exit 1. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """One line for the user: what is wrong, which file, how to fix it."""
+
+
+class WeightsError(UserError, RuntimeError):
+    """A backbone weights file that is missing, truncated, foreign, pickled or not finite."""
+
+
+class MissingWeightsError(WeightsError, FileNotFoundError):
+    pass
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or memory bank that is missing, corrupt, unfinished or from another run."""
+
+
+def guard(main: Callable) -> Callable:
+    """Wrap a script's main(): a UserError becomes 'error: <message>' on stderr and exit status 1."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as exc:
+            msg = " ".join(str(exc).split())  # one line, whatever the message holds
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+
+    return wrapper
