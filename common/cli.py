@@ -3,10 +3,38 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = Path(os.environ.get("AD_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+def make_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The parser every script starts from. allow_abbrev=False: '--iter 5 --see 3' must be refused, not silently
+    read as '--iterations 5 --seed 3'."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   allow_abbrev=False)
+
+
+def ensure_writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Create `path` and prove it is writable (write + delete a probe file) before any expensive work, so an
+    unwritable --score-dir fails in a second instead of after training. Returns the folder."""
+    from common.errors import UserError
+
+    folder = Path(path).expanduser()
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{flag} {folder} is a file, not a folder; pass a folder path to {flag}")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{flag} {folder} is not writable ({reason}); fix its permissions or pass another "
+                        f"{flag}") from None
+    return folder
 
 
 def add_common_args(parser: argparse.ArgumentParser, dataset: str, categories: list[str] | None,
@@ -31,3 +59,11 @@ def resolve_categories(args: argparse.Namespace) -> list[str]:
     from dataset_readers import list_categories
 
     return list(args.categories) if args.categories else list_categories(args.dataset, args.data_root)
+
+
+def ensure_output_dirs(args: argparse.Namespace, *names: str) -> None:
+    """ensure_writable_dir for each named output flag of `args` (e.g. "score_dir", "ckpt_dir") that is set."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value:
+            ensure_writable_dir(value, "--" + name.replace("_", "-"))
