@@ -81,21 +81,52 @@ def require_dir(path: Path, what: str, fix: str = "check --data-root and the dat
     return path
 
 
-def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Decode an image fully so that corrupt files fail here with their path."""
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": how older PIL opens 16-bit greyscale PNGs
+
+
+def _to_8bit(im: Image.Image, path: str | Path, keep_labels: bool = False) -> Image.Image:
+    """16-bit greyscale -> 8-bit "L" by value * 255 / 65535. PIL's own convert() clips instead, which turns a
+    16-bit photo all white. PIL already reduces 16-bit RGB(A) PNG/TIFF to its high byte (floor(v / 256), within 1
+    of the scaled value), so only the greyscale modes need this. keep_labels (masks): a 16-bit mask whose values
+    all fit in 8 bits holds labels (0/255, pixel values of defects_config.json) and is kept as it is."""
+    if im.mode not in SIXTEEN_BIT_MODES and im.mode != "F":
+        return im
+    arr = np.asarray(im).astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise DatasetError(f"image {path} holds NaN/Inf pixels; re-export it as an 8- or 16-bit PNG")
+    if im.mode == "F":  # float images: only the [0, 1] convention is unambiguous
+        if arr.min() < 0 or arr.max() > 1:
+            raise DatasetError(f"image {path} is a float image with values outside [0, 1] ({arr.min():g}.."
+                               f"{arr.max():g}); re-export it as an 8- or 16-bit PNG")
+        arr = arr * 255.0
+    elif arr.min() < 0 or arr.max() > 65535:
+        raise DatasetError(f"image {path} has {im.mode} pixel values outside 0..65535; re-export it as an 8- or "
+                           "16-bit PNG")
+    elif not (keep_labels and arr.max() <= 255):
+        arr = arr * (255.0 / 65535.0)
+    return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+
+
+def load_image(path: str | Path, mode: str = "RGB", keep_labels: bool = False) -> Image.Image:
+    """Decode an image fully so that corrupt files fail here with their path; 16-bit images become 8-bit by
+    scaling (see _to_8bit)."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert(mode)
+            return _to_8bit(im, path, keep_labels).convert(mode)
     except FileNotFoundError:
         raise DatasetError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except IsADirectoryError:
+        raise DatasetError(f"{path} is a folder, not an image; remove or rename it") from None
+    except PermissionError:
+        raise DatasetError(f"cannot read image {path} (permission denied); fix its permissions") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"cannot read image {path} ({exc}); re-download or remove the file") from None
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a mask as uint8 (H, W) with its original pixel values; `size` = (W, H) it must have."""
-    im = load_image(path, mode="L")
+    im = load_image(path, mode="L", keep_labels=True)
     if size is not None and im.size != tuple(size):
         raise DatasetError(f"mask {path} is {im.size[0]}x{im.size[1]} but its image is {size[0]}x{size[1]}; "
                            "masks must have the image's size")
