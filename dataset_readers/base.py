@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from common.errors import UserError
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ GOOD = "good"
 LOGICAL = "logical_anomalies"
 STRUCTURAL = "structural_anomalies"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPG", ".PNG")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # compared lower-cased
 
 
 class DatasetError(UserError, RuntimeError):
@@ -73,6 +75,76 @@ class CategoryData:
 def list_images(folder: Path) -> list[Path]:
     """Sorted image files of a folder (sorted: the official codes rely on OS order, which differs)."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+class Ignored:
+    """What a reader saw under a category folder but did not take; reported in one warning line per category."""
+
+    def __init__(self, cat_dir: Path):
+        self.cat_dir = Path(cat_dir)
+        self.items: list[str] = []
+
+    def add(self, path: Path, why: str = "") -> None:
+        rel = path.relative_to(self.cat_dir).as_posix() + ("/" if path.is_dir() else "")
+        self.items.append(rel + (f" ({why})" if why else ""))
+
+    def extra_entries(self, folder: Path, keep: set[str]) -> None:
+        """Every visible entry of `folder` whose name is not in `keep` (e.g. files directly in train/)."""
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if not p.name.startswith(".") and p.name not in keep:
+                    self.add(p)
+
+
+def take_images(folder: Path, ignored: Ignored, numbered: bool = False) -> list[Path]:
+    """The images of one folder, sorted; everything else goes to `ignored`.
+
+    Taken: visible files with an image suffix (any case); with `numbered`, only all-digit stems (MVTec AD / LOCO
+    name their images 000.png ...). Of files whose stems differ only in case or suffix ('000.png', '000.PNG',
+    '000.jpg') only one is taken, the one with the folder's most common suffix (then the first in sorted order):
+    score files and masks are keyed by stem. Hidden files (.DS_Store) are skipped without a word.
+    """
+    candidates = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            ignored.add(p, "folder")
+        elif p.suffix.lower() not in IMAGE_EXTENSIONS:
+            ignored.add(p, "not an image")
+        elif numbered and not p.stem.isdigit():
+            ignored.add(p, "not a numbered image")
+        else:
+            candidates.append(p)
+    suffixes = [p.suffix for p in candidates]
+    common = max(set(suffixes), key=lambda x: (suffixes.count(x), x == x.lower())) if suffixes else ""
+    by_stem: dict[str, list[Path]] = {}
+    for p in candidates:
+        by_stem.setdefault(p.stem.lower(), []).append(p)
+    taken = []
+    for group in by_stem.values():
+        keep = next((p for p in group if p.suffix == common), group[0])
+        taken.append(keep)
+        for p in group:
+            if p is not keep:
+                ignored.add(p, f"duplicate of {keep.name}")
+    return sorted(taken)
+
+
+_WARNED: set = set()
+
+
+def warn_ignored(data: "CategoryData") -> None:
+    """One warning line per category (once per process) listing what its reader did not take."""
+    items = data.extra.get("ignored") or []
+    key = (str(data.root), tuple(items))
+    if not items or key in _WARNED:
+        return
+    _WARNED.add(key)
+    shown = ", ".join(items[:5]) + (f", ... ({len(items) - 5} more)" if len(items) > 5 else "")
+    logging.getLogger("dataset_readers").warning(
+        "warning: %s/%s: ignored %d entr%s outside the reader's layout under %s: %s (see docs/datasets.md)",
+        data.dataset, data.category, len(items), "y" if len(items) == 1 else "ies", data.root, shown)
 
 
 def require_dir(path: Path, what: str, fix: str = "check --data-root and the dataset layout in the README") -> Path:

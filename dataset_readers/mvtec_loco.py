@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import GOOD, CategoryData, DatasetError, Sample, image_size, list_images, require_dir
+from .base import GOOD, CategoryData, DatasetError, Ignored, Sample, image_size, require_dir, take_images
 
 LOCO_CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
 TEST_TYPES = (GOOD, "logical_anomalies", "structural_anomalies")
@@ -29,12 +29,18 @@ def read_defects_config(path: Path) -> list[dict]:
 
 
 def read_mvtec_loco(root: Path, category: str, dataset: str = "mvtec_loco", check_sizes: bool = True) -> CategoryData:
+    """Takes train/good, validation/good and test/{good, logical_anomalies, structural_anomalies}, numbered images
+    only (NNN.png); anything else inside those splits is listed in CategoryData.extra["ignored"]."""
     cat_dir = require_dir(Path(root) / category, f"category folder '{category}'")
+    ignored = Ignored(cat_dir)
 
     def split(name: str) -> list[Sample]:
         folder = require_dir(cat_dir / name / GOOD, f"split {name}/good")
-        return [Sample(str(p), name) for p in list_images(folder)]
+        ignored.extra_entries(cat_dir / name, {GOOD})
+        return [Sample(str(p), name) for p in take_images(folder, ignored, numbered=True)]
 
+    train, validation = split("train"), split("validation")
+    ignored.extra_entries(cat_dir / "test", set(TEST_TYPES))
     test: list[Sample] = []
     for defect in TEST_TYPES:
         folder = cat_dir / "test" / defect
@@ -42,7 +48,7 @@ def read_mvtec_loco(root: Path, category: str, dataset: str = "mvtec_loco", chec
             if defect == GOOD:
                 require_dir(folder, "split test/good")
             continue
-        for p in list_images(folder):
+        for p in take_images(folder, ignored, numbered=True):
             masks: tuple[str, ...] = ()
             if defect != GOOD:
                 gt_dir = require_dir(cat_dir / "ground_truth" / defect / p.stem, "ground-truth folder")
@@ -55,5 +61,6 @@ def read_mvtec_loco(root: Path, category: str, dataset: str = "mvtec_loco", chec
                         if image_size(m) != size:
                             raise DatasetError(f"mask {m} is {image_size(m)} but image {p} is {size}; masks must have the image's size")
             test.append(Sample(str(p), "test", defect, masks))
-    return CategoryData(dataset, category, cat_dir, split("train"), split("validation"), test,
-                        defects_config=read_defects_config(cat_dir / "defects_config.json"))
+    return CategoryData(dataset, category, cat_dir, train, validation, test,
+                        defects_config=read_defects_config(cat_dir / "defects_config.json"),
+                        extra={"ignored": ignored.items})

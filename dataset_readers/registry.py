@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from .base import CategoryData, DatasetError
+from .base import CategoryData, DatasetError, warn_ignored
 from .mvtec_ad import MPDD_CATEGORIES, MVTEC_AD_CATEGORIES, MVTEC_TEXTURES, WFDD_CATEGORIES, read_mvtec_ad
 from .mvtec_loco import LOCO_CATEGORIES, read_mvtec_loco
 from .visa import VISA_CATEGORIES, read_visa
@@ -33,7 +33,7 @@ DATASETS: dict[str, DatasetInfo] = {
                                   SYNTHETIC_CATEGORIES, "generate it: python -m dataset_readers.synthetic_loco"),
     "mvtec_loco": DatasetInfo(read_mvtec_loco, "datasets/mvtec_loco_anomaly_detection", LOCO_CATEGORIES,
                               "https://www.mvtec.com/company/research/datasets/mvtec-loco"),
-    "mvtec_ad": DatasetInfo(read_mvtec_ad, "datasets/mvtec_anomaly_detection", MVTEC_AD_CATEGORIES,
+    "mvtec_ad": DatasetInfo(partial(read_mvtec_ad, numbered=True), "datasets/mvtec_anomaly_detection", MVTEC_AD_CATEGORIES,
                             "https://www.mvtec.com/company/research/datasets/mvtec-ad"),
     "visa": DatasetInfo(read_visa, "datasets/VisA_20220922", VISA_CATEGORIES,
                         "https://github.com/amazon-science/spot-diff"),
@@ -79,7 +79,9 @@ def read_category(dataset: str, category: str, root: str | os.PathLike | None = 
     known = list_categories(dataset, root)
     if category not in known:
         raise DatasetError(f"unknown category '{category}' for {dataset}; choose from: {', '.join(known)}")
-    return info.reader(base, category)
+    data = info.reader(base, category)
+    warn_ignored(data)
+    return data
 
 
 def _info(dataset: str) -> DatasetInfo:
