@@ -27,6 +27,17 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint or memory bank that is missing, corrupt, unfinished or from another run."""
 
 
+class UserExit(SystemExit):
+    """SystemExit(1) that still reads as its message, so a caller (or a test) of main() can match on it."""
+
+    def __init__(self, message: str):
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def guard(main: Callable) -> Callable:
     """Wrap a script's main(): a UserError becomes 'error: <message>' on stderr and exit status 1."""
 
@@ -37,7 +48,7 @@ def guard(main: Callable) -> Callable:
         except UserError as exc:
             msg = " ".join(str(exc).split())  # one line, whatever the message holds
             print(f"error: {msg}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
+            raise UserExit(msg) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
