@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+from common.errors import UserError
+
 
 def seed_everything(seed: int) -> None:
     import torch
@@ -24,8 +26,11 @@ def pick_device(name: str = "auto"):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was given but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+        raise UserError(f"--device {name} was given but no CUDA device is available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}'; use auto, cpu or cuda[:N]") from None
 
 
 def set_threads(n: int | None = None) -> None:
