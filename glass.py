@@ -26,8 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     d = GlassConfig()
     g = p.add_argument_group("glass")
-    g.add_argument("--dtd-root", default=None, help="DTD images/ folder; default ../shared/data/dtd_small/images "
-                                                    "if present, else datasets/dtd/images")
+    g.add_argument("--dtd-root", default=None, help="DTD images/ folder (<class>/*.jpg); default datasets/dtd/images")
     g.add_argument("--fg", type=int, choices=(0, 1), default=None,
                    help="foreground masks in LAS; default per dataset (1: mvtec_ad, visa, wfdd, mad; 0: mpdd, folder, LOCO)")
     g.add_argument("--fg-root", default=None, help="folder holding <category>/<image name> foreground masks; "

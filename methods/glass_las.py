@@ -13,17 +13,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from common.cli import REPO_ROOT, SHARED_DIR
+from common.cli import REPO_ROOT
 from dataset_readers.base import DatasetError, Sample, load_image
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD
 
-SHARED_DTD = SHARED_DIR / "data" / "dtd_small" / "images"
 LOCAL_DTD = REPO_ROOT / "datasets" / "dtd" / "images"
 MAX_MASK_TRIES = 1000
 
 
 def default_dtd_root() -> Path:
-    return SHARED_DTD if SHARED_DTD.is_dir() else LOCAL_DTD
+    # Always the full DTD (47 classes, as the GLASS paper): a run must never fall back to a subset by accident.
+    return LOCAL_DTD
 
 
 def list_textures(root: str | os.PathLike | None) -> list[Path]:
@@ -31,8 +31,9 @@ def list_textures(root: str | os.PathLike | None) -> list[Path]:
     root = Path(root) if root is not None else default_dtd_root()
     files = sorted(root.glob("*/*.jpg")) if root.is_dir() else []
     if not files:
-        raise DatasetError(f"no DTD textures found under {root} (expected <root>/<class>/*.jpg); download DTD from "
-                           "https://www.robots.ox.ac.uk/~vgg/data/dtd/ into datasets/dtd, or pass --dtd-root")
+        raise DatasetError(f"no DTD textures found under {root} (expected <root>/<class>/*.jpg); download "
+                           "dtd-r1.0.1.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/dtd/ and unpack it into "
+                           "datasets/ (giving datasets/dtd/images/<class>/*.jpg), or pass --dtd-root DIR")
     return files
 
 
