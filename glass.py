@@ -11,7 +11,8 @@ import argparse
 from dataclasses import replace
 
 from common import get_logger, pick_device, set_threads
-from common.cli import add_common_args, resolve_categories
+from common.cli import add_common_args, ensure_output_dirs, make_parser, resolve_categories
+from common.errors import guard
 from methods.glass import DISTRIBUTION_MODES, GlassConfig, fast_config, run_category
 from models.backbones import load_backbone
 
@@ -22,7 +23,7 @@ SEED = 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     d = GlassConfig()
     g = p.add_argument_group("glass")
@@ -63,15 +64,19 @@ def build_config(args: argparse.Namespace) -> GlassConfig:
     return replace(cfg, **over)
 
 
+@guard
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    # before any work: a test-only run reads --ckpt-dir (which may be read-only) and writes only scores
+    ensure_output_dirs(args, *(["score_dir"] if args.test_only or args.checkpoint else ["score_dir", "ckpt_dir"]))
     log = get_logger("glass")
     set_threads(args.threads)
     cfg = build_config(args)
     device = pick_device(args.device)
+    categories = resolve_categories(args, check=True)
     backbone = load_backbone(args.backbone, args.weights).to(device)
     results = []
-    for category in resolve_categories(args):
+    for category in categories:
         log.info("GLASS %s/%s on %s (scores -> %s)", args.dataset, category, device, args.score_dir)
         results.append(run_category(backbone, args.dataset, category, cfg, data_root=args.data_root,
                                     dtd_root=args.dtd_root, fg_root=args.fg_root, score_dir=args.score_dir,

@@ -16,11 +16,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.io import load_checkpoint, save_checkpoint
+from common.errors import CheckpointError
+from common.checkpoints import META_KEY, checkpoint_meta, load_checked
+from common.io import save_checkpoint
+from common.provenance import weights_record
 from dataset_readers.base import CategoryData, Sample, image_size
 from dataset_readers.torch_data import imagenet_transform, make_loader
 from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
-from methods.knn import knn
+from methods.knn import check_bank, check_features, knn
 from methods.maps import resized_hw, uncrop, upsample_and_smooth
 from models.feature_extractor import FeatureExtractor, local_patch_features
 from models.self_attention import channel_self_attention
@@ -203,7 +206,7 @@ def score_embeddings(emb: torch.Tensor, bank: torch.Tensor, cfg: PatchCoreConfig
     b, h, w, d = emb.shape
     queries = emb.reshape(-1, d)
     k = max(cfg.num_nn, 1)
-    dist, idx = knn(queries, bank, k=k, squared=cfg.squared, backend=backend)
+    dist, idx = knn(queries, bank, k=k, squared=cfg.squared, backend=backend, bank_checked=True)
     patch = dist.mean(1).reshape(b, h * w)
     image, arg = patch.max(1)
     if cfg.reweight:
@@ -217,7 +220,7 @@ def reweight_factor(test_feat: torch.Tensor, nn_index: torch.Tensor, bank: torch
     """Eq. 7 weight 1 - softmax(d)[m*] (anomalib-corrected): d = L2 distances of the arg-max test patch to the b
     nearest bank neighbours of its nearest bank vector m* (m* itself first)."""
     b = min(b, len(bank))
-    _, support = knn(bank[nn_index], bank, k=b, backend=backend)  # (B, b), column 0 is m* (distance 0)
+    _, support = knn(bank[nn_index], bank, k=b, backend=backend, bank_checked=True)  # (B, b), column 0 is m* (distance 0)
     d = torch.linalg.vector_norm(test_feat[:, None, :] - bank[support], dim=-1)
     return 1.0 - torch.softmax(d, dim=1)[:, 0]
 
@@ -251,8 +254,9 @@ def build_bank(extractor: FeatureExtractor, samples: Sequence[Sample], cfg: Patc
         raise RuntimeError("no training images: the memory bank needs train/good images")
     loader = make_loader(samples, transform_for(cfg), batch_size=batch_size, workers=workers)
     chunks = []
-    for images, _ in tqdm(loader, desc="memory bank", disable=not progress, leave=False):
+    for images, index in tqdm(loader, desc="memory bank", disable=not progress, leave=False):
         e = embed(extractor, images.to(device, non_blocking=True), cfg)
+        check_features(e, images, [samples[i] for i in index.tolist()], extractor.backbone)  # one check per batch
         chunks.append(e.reshape(-1, e.shape[-1]))
     full = torch.cat(chunks)
     del chunks
@@ -263,12 +267,15 @@ def build_bank(extractor: FeatureExtractor, samples: Sequence[Sample], cfg: Patc
 def score_samples(extractor: FeatureExtractor, samples: Sequence[Sample], bank: torch.Tensor, cfg: PatchCoreConfig,
                   device: torch.device, batch_size: int = 8, workers: int = 0, progress: bool = True,
                   map_writer=None, desc: str = "scoring") -> np.ndarray:
-    """Image scores (N,); `map_writer(samples, patch_scores)` receives each batch's (B, h, w) patch scores."""
+    """Image scores (N,); `map_writer(samples, patch_scores)` receives each batch's (B, h, w) patch scores.
+    `bank` must be finite (check_bank): it is not re-scanned per batch."""
     backend = resolve_backend(cfg.knn_backend, device)
     loader = make_loader(samples, transform_for(cfg), batch_size=batch_size, workers=workers)
     scores = np.empty(len(samples), dtype=np.float64)
     for images, index in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        patch, image = score_embeddings(embed(extractor, images.to(device, non_blocking=True), cfg), bank, cfg, backend)
+        emb = embed(extractor, images.to(device, non_blocking=True), cfg)
+        check_features(emb, images, [samples[i] for i in index.tolist()], extractor.backbone)
+        patch, image = score_embeddings(emb, bank, cfg, backend)
         scores[index.numpy()] = image.double().cpu().numpy()
         if map_writer is not None:
             map_writer([samples[i] for i in index.tolist()], patch)
@@ -291,6 +298,19 @@ def bank_path(ckpt_dir: str | Path, name: str, category: str) -> Path:
     return Path(ckpt_dir) / f"{name}_{category.replace('/', '__')}.pt"
 
 
+# Settings that only change the scoring (they may differ between --load-bank runs); every other field shapes
+# the bank and is checked when it is loaded.
+SCORING_KEYS = ("num_nn", "squared", "reweight", "reweight_b", "sigma", "knn_backend")
+
+
+def bank_meta(data: CategoryData, extractor: FeatureExtractor, cfg: PatchCoreConfig, backbone: str) -> dict:
+    """The provenance record of a bank built (or to be loaded) for `data` in this run."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in SCORING_KEYS}
+    return checkpoint_meta(method=cfg.method, dataset=data.dataset, category=data.category,
+                           weights=weights_record(extractor.backbone, backbone=backbone), config=config,
+                           train_samples=data.train, finished=True)
+
+
 def run_category(data: CategoryData, extractor: FeatureExtractor, cfg: PatchCoreConfig, device: torch.device,
                  name: str, score_dir: str | Path, ckpt_dir: str | Path, backbone: str, load_bank: bool = False,
                  maps: bool = True, batch_size: int = 8, workers: int = 0, progress: bool = True,
@@ -298,20 +318,22 @@ def run_category(data: CategoryData, extractor: FeatureExtractor, cfg: PatchCore
     """Fill (or load) the memory bank, score test and validation images, write score files and maps."""
     log = logger or logging.getLogger(__name__)
     ckpt = bank_path(ckpt_dir, name, data.category)
+    meta = bank_meta(data, extractor, cfg, backbone)
     if load_bank:
-        state = load_checkpoint(ckpt, hint=f"run without --load-bank first to build the {name} memory bank")
-        saved = PatchCoreConfig.from_dict(state["config"])
-        if saved.method != cfg.method or tuple(saved.layers) != tuple(cfg.layers) or state.get("backbone") != backbone:
-            raise RuntimeError(f"{ckpt} was built for {saved.method}/{state.get('backbone')}, not {cfg.method}/{backbone}; "
-                               "rebuild it without --load-bank")
+        fix = f"rebuild it: run without --load-bank to build the {name} memory bank of {data.category}"
+        state, _ = load_checked(ckpt, meta, fix=fix, logger=log)
+        if not isinstance(state.get("bank"), torch.Tensor) or state["bank"].ndim != 2:
+            raise CheckpointError(f"{ckpt} holds no (N, D) memory bank; {fix}")
         bank = state["bank"].to(device)
+        check_bank(bank, f"in {ckpt}")
         log.info("loaded memory bank %s (%d x %d)", ckpt, *bank.shape)
     else:
         log.info("%s/%s: embedding %d training images, coreset ratio %g (%s)", name, data.category,
                  len(data.train), cfg.coreset_ratio, cfg.sampler)
         bank = build_bank(extractor, data.train, cfg, device, batch_size, workers, progress)
+        check_bank(bank)
         save_checkpoint(ckpt, {"bank": bank.cpu(), "config": cfg.to_dict(), "backbone": backbone,
-                               "category": data.category, "n_train": len(data.train)})
+                               "category": data.category, "n_train": len(data.train), META_KEY: meta})
         log.info("memory bank %d x %d written to %s", *bank.shape, ckpt)
 
     writer = (lambda s, p: write_maps(name, data.category, s, p, cfg, score_dir)) if maps else None
