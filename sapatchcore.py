@@ -10,7 +10,8 @@ import argparse
 import time
 
 from common import get_logger, pick_device, seed_everything, set_threads
-from common.cli import add_common_args, resolve_categories
+from common.cli import add_common_args, ensure_output_dirs, make_parser, resolve_categories
+from common.errors import guard
 from dataset_readers import read_category
 from methods.patchcore import METHODS, defaults_for, run_category
 from models.backbones import load_backbone
@@ -24,7 +25,7 @@ FAST_SIZE = {"sapatchcore": ((128, 128), 112), "patchcore": ((128,), 112)}  # --
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     g = p.add_argument_group("method (defaults: the official code of the chosen method)")
     g.add_argument("--method", choices=METHODS, default="sapatchcore")
@@ -51,8 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@guard
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    ensure_output_dirs(args, "score_dir", *([] if args.load_bank else ["ckpt_dir"]))  # before any work
     log = get_logger("sapatchcore")
     set_threads()
     seed_everything(args.seed)
@@ -69,7 +72,7 @@ def main(argv=None) -> dict:
     if args.sampler == "kcenter" and args.method == "patchcore":
         cfg.proj_dim = 0
     name = args.name or (cfg.method + ("_noattn" if not cfg.attention else ""))
-    categories = resolve_categories(args)
+    categories = resolve_categories(args, check=True)
     log.info("%s on %s (%d categories), backbone %s, device %s; scores -> %s, banks -> %s", name, args.dataset,
              len(categories), args.backbone, device, args.score_dir, args.ckpt_dir)
     extractor = FeatureExtractor(load_backbone(args.backbone, args.weights), cfg.layers).to(device)
