@@ -55,10 +55,28 @@ def add_common_args(parser: argparse.ArgumentParser, dataset: str, categories: l
     return parser
 
 
-def resolve_categories(args: argparse.Namespace) -> list[str]:
+def resolve_categories(args: argparse.Namespace, check: bool = False) -> list[str]:
+    """--categories or every category of the dataset. check: also refuse a missing dataset root or an unknown
+    category now, before weights are loaded (read_category would refuse them later, after that work)."""
     from dataset_readers import list_categories
+    from dataset_readers.base import DatasetError
+    from dataset_readers.registry import DATASETS, dataset_root
 
-    return list(args.categories) if args.categories else list_categories(args.dataset, args.data_root)
+    categories = list(args.categories) if args.categories else list_categories(args.dataset, args.data_root)
+    if check:
+        root = dataset_root(args.dataset, args.data_root)  # an unknown --dataset is refused here
+        if not root.is_dir():
+            raise DatasetError(f"dataset root not found: {root} (get {args.dataset} from "
+                               f"{DATASETS[args.dataset].url}, or pass --data-root)")
+        known = list_categories(args.dataset, args.data_root)
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise DatasetError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} "
+                               f"{', '.join(repr(c) for c in unknown)} for {args.dataset} under {root}; choose "
+                               f"from: {', '.join(known)}")
+        if not categories:
+            raise DatasetError(f"no category folders under {root}; check --data-root")
+    return categories
 
 
 def ensure_output_dirs(args: argparse.Namespace, *names: str) -> None:
