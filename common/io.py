@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from common.errors import CheckpointError
 
 
 def _read_umask() -> int:
@@ -61,22 +66,47 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
-def save_checkpoint(path: str | os.PathLike, obj: Any) -> None:
-    """torch.save through a temp file. `obj` should hold tensors and plain Python values only."""
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    pass
+
+
+def checkpoint_bytes(obj: Any) -> bytes:
+    """torch.save into memory. Saving to a path would name the archive's records after the (random) temp file,
+    so identical objects would give different bytes; an in-memory buffer always uses the same record name."""
     import torch
 
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(path: str | os.PathLike, obj: Any) -> None:
+    """torch.save, atomically; the same object always gives the same bytes. `obj` holds tensors and plain Python
+    values only (it is loaded back with weights_only=True)."""
+    data = checkpoint_bytes(obj)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(data)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", hint: str = "") -> Any:
-    """torch.load with weights_only=True; a missing file is a one-line error naming it."""
+    """torch.load with weights_only=True: a pickle is never executed. Every failure is one CheckpointError line
+    naming the file and what to do (`hint`: how to (re-)create it)."""
     import torch
 
     path = Path(path)
+    fix = hint or "re-run the script that writes it"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}" + (f" ({hint})" if hint else ""))
+        raise MissingCheckpointError(f"checkpoint not found: {path}; {fix}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt or pickled with custom classes
-        raise RuntimeError(f"cannot load checkpoint {path}: {exc}. Delete it and re-run the script that writes it.") from exc
+    except Exception as exc:
+        msg = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in msg or "Unsupported global" in msg:
+            what = re.search(r"GLOBAL ([\w.]+)", msg)
+            raise CheckpointError(
+                f"{path} is not a plain checkpoint: it asks to run pickled Python code"
+                f"{' (' + what.group(1) + ')' if what else ''}, so it is not loaded, and it must not be loaded "
+                f"unsafely; delete it and {fix}") from None
+        first = msg.strip().splitlines()[0].split(". ")[0] if msg.strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({first}); delete it and "
+                              f"{fix}") from None

@@ -1,7 +1,70 @@
-"""Exact nearest-neighbour search in bounded memory: torch distance chunks, or faiss-cpu when asked."""
+"""Exact nearest-neighbour search in bounded memory: torch distance chunks, or faiss-cpu when asked.
+
+Non-finite inputs are refused: a NaN query or bank row would otherwise come back as a huge finite distance
+(faiss reports 3.4e38, the matmul expansion 1.8e19 after clamping) and end up in a score file.
+"""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Sequence
+
 import torch
+
+from common.errors import UserError
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """NaN or Inf in features, a memory bank, distances or a training loss, with its cause."""
+
+
+def _kind(x: torch.Tensor) -> str:
+    return "NaN" if bool(torch.isnan(x).any()) else "infinite"
+
+
+def require_finite(x: torch.Tensor, what: str, cause: str) -> None:
+    """One isfinite reduction over the whole tensor (one host sync); `cause` says where it comes from and the fix."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} {'are' if what.endswith('s') else 'is'} {_kind(x)}: {cause}")
+
+
+def weights_cause(backbone: Any) -> str:
+    """Why features can be non-finite when the images are finite: the backbone weights."""
+    file = getattr(backbone, "weights_file", None)
+    digest = getattr(backbone, "weights_sha256", None)
+    if not file or digest in (None, "RANDOM"):
+        return ("the random backbone weights overflow on it (no --weights given); pass the pretrained --weights "
+                "file")
+    return (f"the backbone weights {file} (sha256 {str(digest)[:12]}…) are corrupt or overflow on it; download "
+            "them again")
+
+
+def check_features(feats: torch.Tensor, images: torch.Tensor, samples: Sequence[Any], backbone: Any,
+                   what: str = "features") -> None:
+    """Refuse non-finite per-image features (B, ...) with the first such image and the cause (the decoded image
+    itself, or the backbone weights). One reduction per batch; the diagnosis runs only on failure."""
+    if bool(torch.isfinite(feats).all()):
+        return
+    bad = (~torch.isfinite(feats.reshape(len(feats), -1))).any(1).nonzero()[:, 0].tolist()
+    i = bad[0]
+    name = Path(getattr(samples[i], "path", samples[i])) if samples else f"image {i}"
+    if not bool(torch.isfinite(images[i]).all()):
+        cause = f"the image itself decodes to non-finite values; replace {name}"
+    else:
+        cause = weights_cause(backbone) + " (the image is finite)"
+    n = f" (and {len(bad) - 1} more images of this batch)" if len(bad) > 1 else ""
+    raise NonFiniteError(f"{what} of {name}{n} are {_kind(feats[i])}: {cause}")
+
+
+def check_bank(bank: torch.Tensor, source: str = "") -> None:
+    require_finite(bank, f"the memory bank{' ' + source if source else ''}", "it was built from non-finite "
+                   "features; rebuild it (without --load-bank) with finite backbone weights")
+
+
+def _check_inputs(queries: torch.Tensor, bank: torch.Tensor | None) -> None:
+    if bank is not None:
+        check_bank(bank)
+    require_finite(queries, "the nearest-neighbour queries", "the test features are not finite; check the backbone "
+                   "weights and the images")
 
 
 def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -11,12 +74,16 @@ def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_elems: int = 2 ** 26,
-        squared: bool = False, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+        squared: bool = False, backend: str = "torch",
+        bank_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances, indices) of the k nearest bank rows for every query, each (Q, k), ascending.
 
     Queries and bank rows are processed in blocks so that no distance block exceeds `chunk_elems` entries,
     whatever the bank size. Computed in float64-free float32 like faiss; `squared` returns squared L2.
+    Non-finite queries, bank rows or distances raise NonFiniteError (`bank_checked`: the caller already checked
+    the bank once, so it is not re-scanned for every batch).
     """
+    _check_inputs(queries, None if bank_checked else bank)
     if backend == "faiss":
         return _knn_faiss(queries, bank, k, squared)
     q_chunk = max(1, min(len(queries), chunk_elems // max(1, min(len(bank), chunk_elems))))
@@ -37,6 +104,8 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_elems: int 
         out_d.append(best_d)
         out_i.append(best_i)
     dist = torch.cat(out_d)
+    require_finite(dist, "nearest-neighbour distances", "the features are finite but too large for float32; "
+                   "check the backbone weights")
     return (dist if squared else dist.sqrt()), torch.cat(out_i)
 
 
@@ -48,5 +117,9 @@ def _knn_faiss(queries: torch.Tensor, bank: torch.Tensor, k: int, squared: bool)
     index = faiss.IndexFlatL2(bank.shape[1])
     index.add(bank.detach().float().cpu().contiguous().numpy())
     d, i = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+    if k <= len(bank) and (i < 0).any():  # faiss marks a missing neighbour with index -1 and distance 3.4e38
+        raise NonFiniteError("faiss found no neighbour for some queries; use --knn-backend torch")
     d = torch.from_numpy(d).clamp_min_(0.0).to(queries.device)
+    require_finite(d, "nearest-neighbour distances", "the features are finite but too large for float32; check the "
+                   "backbone weights")
     return (d if squared else d.sqrt()), torch.from_numpy(i).to(queries.device)
