@@ -11,7 +11,8 @@ import json
 import numpy as np
 
 from common import atomic_write_json, get_logger, pick_device, seed_everything, set_threads
-from common.cli import add_common_args, resolve_categories
+from common.cli import add_common_args, ensure_output_dirs, make_parser, resolve_categories
+from common.errors import UserError, guard
 from dataset_readers import read_category
 from evaluation.score_files import save_group_scores, scores_for_samples
 from methods.sinbad import (CROP_RATIOS, LEVELS, PIXEL_LEVEL, DEEP_LAYERS, SinbadConfig, crop_counts, ensemble,
@@ -27,7 +28,7 @@ log = get_logger("sinbad")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     d = SinbadConfig()
     g = p.add_argument_group("SINBAD")
@@ -80,10 +81,13 @@ def units_for(args) -> list[tuple[int, int]]:
     return [(lv, c) for lv in args.levels for c in crop_counts(lv, args.crops)]
 
 
+@guard
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.units_only and args.ensemble_only:
-        raise SystemExit("--units-only and --ensemble-only exclude each other")
+        raise UserError("--units-only and --ensemble-only exclude each other; pass one of them")
+    ensure_output_dirs(args, "score_dir")  # unit files and scores go there; checked before any work
+    categories = resolve_categories(args, check=True)
     set_threads()
     seed_everything(args.seed)
     cfg = make_config(args)
@@ -100,7 +104,7 @@ def main(argv=None) -> dict:
     log.info("SINBAD on %s (%s), levels %s, crops %s, %s; unit files under %s", args.dataset, device, args.levels,
              args.crops, "fast" if args.fast else "full size", work_dir(args.score_dir))
     results, bench = {}, {}
-    for category in resolve_categories(args):
+    for category in categories:
         raw = read_category(args.dataset, category, args.data_root)
         data = with_validation(raw, VAL_HOLDOUT)
         unit_scores = {}
@@ -141,7 +145,7 @@ def check_compatible(unit_scores: dict) -> None:
         if ref is None:
             ref = (key, cfg)
         elif cfg != ref[1]:
-            raise RuntimeError(f"SINBAD units L{key[0]}_c{key[1]} and L{ref[0][0]}_c{ref[0][1]} were computed with "
+            raise UserError(f"SINBAD units L{key[0]}_c{key[1]} and L{ref[0][0]}_c{ref[0][1]} were computed with "
                                f"different settings ({cfg} vs {ref[1]}); re-run the units with one setting")
 
 
