@@ -13,7 +13,8 @@ import argparse
 import json
 
 from common import get_logger, pick_device, seed_everything, set_threads
-from common.cli import REPO_ROOT, add_common_args, resolve_categories
+from common.cli import REPO_ROOT, add_common_args, ensure_output_dirs, make_parser, resolve_categories
+from common.errors import guard
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of --dataset (MVTec LOCO: the five official ones)
@@ -25,7 +26,7 @@ log = get_logger("CSAD")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     g = p.add_argument_group("LGST")
     g.add_argument("--iterations", type=int, default=None, help="training iterations (default 60000; --fast 300)")
@@ -60,8 +61,12 @@ def make_config(args):
     return LGSTConfig.fast(**over) if args.fast else LGSTConfig(**over)
 
 
+@guard
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if not args.benchmark_speed:  # before any work, not after 60000 iterations
+        ensure_output_dirs(args, "score_dir", "ckpt_dir")
+        categories = resolve_categories(args, check=True)
     set_threads()
     seed_everything(args.seed)
     import torch
@@ -89,7 +94,7 @@ def main(argv=None) -> None:
         penalty = lgst.find_penalty_images(args.penalty_dir)
         log.info("penalty loss on %d images from %s", len(penalty), args.penalty_dir)
     results = []
-    for category in resolve_categories(args):
+    for category in categories:
         data = read_category(args.dataset, category, args.data_root)
         log.info("%s/%s: %d train, %d validation, %d test images; %d iterations at %d px on %s", args.dataset,
                  category, len(data.train), len(data.validation), len(data.test), cfg.iterations, cfg.input_size,
@@ -106,9 +111,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from dataset_readers import DatasetError
-
-    try:
-        main()
-    except (DatasetError, FileNotFoundError) as exc:  # user-fixable: one line naming the file and the fix
-        raise SystemExit(f"error: {exc}") from None
+    main()
