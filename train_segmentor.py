@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 
 from common import get_logger, pick_device, seed_everything, set_threads
-from common.cli import REPO_ROOT, add_common_args, resolve_categories
+from common.cli import REPO_ROOT, add_common_args, ensure_output_dirs, ensure_writable_dir, make_parser, resolve_categories
+from common.errors import UserError, guard
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of the dataset
@@ -25,7 +26,7 @@ log = get_logger("train_segmentor")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     p.add_argument("--labels", choices=["pseudo", "component-maps"], default="pseudo",
                    help="pseudo: stage-1 output in --masks-root; component-maps: first convert the synthetic "
@@ -52,13 +53,19 @@ def prepare_component_maps(args, category: str) -> None:
     info = out / layout.INFO / "info.txt"
     ours = info.is_file() and info.read_text().startswith("source: true component maps")
     if out.exists() and any(out.iterdir()) and not ours:
-        raise SystemExit(f"{out} holds other pseudo-labels; pass another --masks-root for --labels component-maps")
+        raise UserError(f"{out} holds other pseudo-labels; pass another --masks-root for --labels component-maps")
     layout.write_from_component_maps(args.data_root or REPO_ROOT / "datasets" / args.dataset, category,
                                      args.masks_root, good_fraction=args.good_fraction, overwrite=ours)
 
 
+@guard
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    # before any work, not after training: scores, checkpoints and the segmentation PNGs under --masks-root
+    ensure_output_dirs(args, "score_dir", "ckpt_dir")
+    if Path(args.masks_root).is_dir() or args.labels == "component-maps":  # a missing pseudo-label root is reported below
+        ensure_writable_dir(args.masks_root, "--masks-root")
+    categories = resolve_categories(args, check=True)
     set_threads()
     from dataset_readers import read_category
     from methods.csad.segmentor import Encoder, make_config, run_category
@@ -67,7 +74,7 @@ def main(argv=None) -> list[dict]:
     device = pick_device(args.device)
     encoder = Encoder(load_backbone(args.backbone, args.weights), device)
     results = []
-    for category in resolve_categories(args):
+    for category in categories:
         seed_everything(args.seed)
         data = read_category(args.dataset, category, args.data_root)
         if args.labels == "component-maps":
@@ -86,10 +93,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from dataset_readers import DatasetError
-    from methods.csad.label_layout import LayoutError
-
-    try:
-        main()
-    except (DatasetError, LayoutError, FileNotFoundError) as exc:  # user-fixable: one line, no traceback
-        raise SystemExit(f"train_segmentor.py: {exc}") from None
+    main()
