@@ -101,13 +101,14 @@ def main(argv=None) -> None:
                  device)
         res = lgst.run_category(data, backbone, cfg, device, args.seed, args.score_dir, args.ckpt_dir, penalty,
                                 args.select_on_test, not args.no_maps, args.workers)
-        log.info("%s: LGST image AUROC %s", category, {k: round(v, 2) for k, v in res["auroc"].items()})
+        log.info("%s: LGST image AUROC %s", category,
+                 ", ".join(f"{k} {v:.1f}%" for k, v in res["auroc"].items()) or "n/a (no labels)")
         results.append(res)
         del data
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for r in results:
-        log.info("%-22s %s", r["category"], "  ".join(f"{k} {v:.2f}" for k, v in r["auroc"].items()))
+        log.info("%-22s LGST image AUROC %s", r["category"], "  ".join(f"{k} {v:.1f}%" for k, v in r["auroc"].items()))
 
 
 if __name__ == "__main__":

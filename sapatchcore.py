@@ -12,8 +12,10 @@ import time
 from common import get_logger, pick_device, seed_everything, set_threads
 from common.cli import add_common_args, ensure_output_dirs, make_parser, resolve_categories
 from common.errors import guard
+from common.errors import UserError
+from common.official import add_official_switch
 from dataset_readers import read_category
-from methods.patchcore import METHODS, defaults_for, run_category
+from methods.patchcore import METHODS, defaults_for, official_bn_update, run_category
 from models.backbones import load_backbone
 from models.feature_extractor import FeatureExtractor
 
@@ -22,6 +24,8 @@ CATEGORIES = None  # None = every category of the dataset
 BACKBONE = "wide_resnet50_2"
 SEED = 0
 FAST_SIZE = {"sapatchcore": ((128, 128), 112), "patchcore": ((128,), 112)}  # --fast: (resize, crop)
+# --official: every official behaviour, known bugs included (the other defaults already are the official values)
+OFFICIAL_FLAGS = {"official_bn_update": True}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--resize", type=int, nargs="+", default=None,
                    help="one value: shorter side (patchcore 256); two: exact H W (sapatchcore 256 256)")
     g.add_argument("--crop", type=int, default=None, help="centre crop (224); 0 = none")
+    g.add_argument("--resize-filter", choices=("lanczos", "bilinear"), default=None,
+                   help="PIL resize filter: sapatchcore lanczos (run.py's Image.ANTIALIAS), patchcore bilinear "
+                        "(torchvision Resize default)")
+    g.add_argument("--official-bn-update", action="store_true",
+                   help="patchcore only: one train-mode forward of an all-ones image before eval, as "
+                        "patchcore-inspection's PatchCore.load (official bug: every BatchNorm up to layer3 takes one "
+                        "momentum-0.1 update; the published numbers include it)")
     g.add_argument("--knn-backend", choices=("auto", "torch", "faiss"), default="auto")
     g.add_argument("--name", default=None, help="method name in score files (default: the method, e.g. "
                    "patchcore_p001 for a 1%% run)")
@@ -49,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-maps", action="store_true", help="skip the TIFF anomaly maps")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--workers", type=int, default=0)
+    add_official_switch(p, OFFICIAL_FLAGS, help_extra="only the patchcore method has an official bug to restore "
+                        "(the official SA-PatchCore calls .eval() first)")
     return p.parse_args(argv)
 
 
@@ -56,7 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     ensure_output_dirs(args, "score_dir", *([] if args.load_bank else ["ckpt_dir"]))  # before any work
-    log = get_logger("sapatchcore")
+    log = get_logger(args.method)  # patchcore logs as patchcore, not sapatchcore
+    if args.official_bn_update and args.method != "patchcore":
+        if not args.official:
+            raise UserError("--official-bn-update reproduces patchcore-inspection only; add --method patchcore or "
+                            "drop the flag (the official SA-PatchCore never runs its backbone in train mode)")
+        args.official_bn_update = False  # --official with sapatchcore: the official code has no such update
     set_threads()
     seed_everything(args.seed)
     device = pick_device(args.device)
@@ -68,6 +86,7 @@ def main(argv=None) -> dict:
                        squared=None if args.distance is None else args.distance == "squared",
                        reweight=args.reweight or None, reweight_b=args.reweight_b, resize=resize, crop=crop,
                        attention=False if args.no_attention else None, knn_backend=args.knn_backend, seed=args.seed,
+                       resample=args.resize_filter, official_bn_update=args.official_bn_update or None,
                        proj_dim=128 if args.sampler == "approx" and args.method == "sapatchcore" else None)
     if args.sampler == "kcenter" and args.method == "patchcore":
         cfg.proj_dim = 0
@@ -76,6 +95,9 @@ def main(argv=None) -> dict:
     log.info("%s on %s (%d categories), backbone %s, device %s; scores -> %s, banks -> %s", name, args.dataset,
              len(categories), args.backbone, device, args.score_dir, args.ckpt_dir)
     extractor = FeatureExtractor(load_backbone(args.backbone, args.weights), cfg.layers).to(device)
+    if cfg.official_bn_update:  # once: every category of the official run starts from the same file + one update
+        official_bn_update(extractor, cfg)
+        log.info("--official-bn-update: BatchNorm statistics moved by one all-ones forward in train mode")
     results = {}
     for category in categories:
         data = read_category(args.dataset, category, args.data_root)

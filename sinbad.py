@@ -129,7 +129,8 @@ def main(argv=None) -> dict:
             paths = save_group_scores(raw, method, groups, args.score_dir)
             results[category][method] = auroc_by_group(raw, groups)
             log.info("%s %s: %s -> %s", category, method,
-                     ", ".join(f"{g} AUROC {a:.3f}" for g, a in results[category][method].items()), paths[0].parent)
+                     "image AUROC " + (", ".join(f"{g} {100 * a:.1f}%" for g, a in results[category][method].items())
+                                       or "n/a (no labels)"), paths[0].parent)
     if args.benchmark:
         write_benchmark(args, bench)
     return results

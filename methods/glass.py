@@ -432,8 +432,11 @@ def run_category(backbone: nn.Module, dataset: str, category: str, cfg: GlassCon
     metrics["pixel_auroc_crop"] = res["pixel_auroc"]
     summary.update(metrics=metrics, seconds=time.time() - t0, score_files=[str(p) for p in written])
     atomic_write_json(folder / "results.json", summary)
-    log.info("%s/%s: %s; scores -> %s, maps -> %s/anomaly_maps/%s/%s", dataset, category,
-             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), Path(written[0]).parent, score_dir, METHOD, category)
+    log.info("%s/%s: image AUROC %s; pixel AUROC (crop) %s; scores -> %s, maps -> %s/anomaly_maps/%s/%s", dataset,
+             category, ", ".join(f"{k[len('image_auroc_'):]} {100 * v:.1f}%" for k, v in metrics.items()
+                                 if k.startswith("image_auroc_")) or "n/a (no labels)",
+             "n/a" if metrics["pixel_auroc_crop"] is None else f"{100 * metrics['pixel_auroc_crop']:.1f}%",
+             Path(written[0]).parent, score_dir, METHOD, category)
     return summary
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 from tqdm import tqdm
 
 from common.errors import CheckpointError
@@ -21,7 +22,7 @@ from common.checkpoints import META_KEY, checkpoint_meta, load_checked
 from common.io import save_checkpoint
 from common.provenance import weights_record
 from dataset_readers.base import CategoryData, Sample, image_size
-from dataset_readers.torch_data import imagenet_transform, make_loader
+from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, make_loader
 from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
 from methods.knn import check_bank, check_features, knn
 from methods.maps import resized_hw, uncrop, upsample_and_smooth
@@ -38,6 +39,12 @@ class PatchCoreConfig:
     layers: tuple[str, ...] = ("layer2", "layer3")
     resize: tuple[int, ...] = (256, 256)  # (n,) = shorter side (torchvision), (h, w) = exact size
     crop: int = 224  # 0 = no centre crop
+    # PIL resize filter: SA-PatchCore's run.py resizes with Image.ANTIALIAS (= LANCZOS); patchcore-inspection uses
+    # torchvision Resize's default, bilinear (PIL, antialiased)
+    resample: str = "lanczos"
+    # patchcore-inspection bug: PatchCore.load -> feature_dimensions runs one all-ones forward in train mode before
+    # .eval(), so every BatchNorm up to the last used layer takes one momentum-0.1 update (see official_bn_update)
+    official_bn_update: bool = False
     attention: bool = True  # SA-PatchCore: layer3 max pool + self-attention; False = avg pool (paper's baseline)
     pretrain_dim: int = 1024  # PatchCore only
     target_dim: int = 1024  # PatchCore only
@@ -64,6 +71,7 @@ class PatchCoreConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw["layers"], kw["resize"] = tuple(kw["layers"]), tuple(kw["resize"])
+        kw.setdefault("resample", "bilinear")  # banks saved before the field existed were built with bilinear
         return cls(**kw)
 
 
@@ -73,7 +81,7 @@ def defaults_for(method: str, **overrides) -> PatchCoreConfig:
         cfg = PatchCoreConfig(method=method)
     elif method == "patchcore":
         cfg = PatchCoreConfig(method=method, resize=(256,), crop=224, coreset_ratio=0.1, sampler="approx",
-                              proj_dim=128, squared=True)
+                              proj_dim=128, squared=True, resample="bilinear")
     else:
         raise ValueError(f"unknown method '{method}'; choose from: {', '.join(METHODS)}")
     for k, v in overrides.items():
@@ -242,9 +250,33 @@ class CategoryResult:
     paths: list[Path] = field(default_factory=list)
 
 
+RESAMPLE = {"lanczos": T.InterpolationMode.LANCZOS, "bilinear": T.InterpolationMode.BILINEAR}
+
+
 def transform_for(cfg: PatchCoreConfig):
+    """PIL resize with cfg.resample (LANCZOS = the official SA-PatchCore's Image.ANTIALIAS), centre crop, ToTensor,
+    ImageNet normalisation. The resize runs on the PIL image, as in both official codes."""
     resize = cfg.resize[0] if len(cfg.resize) == 1 else tuple(cfg.resize)
-    return imagenet_transform(resize, cfg.crop or None)
+    if cfg.resample not in RESAMPLE:
+        raise ValueError(f"unknown resize filter '{cfg.resample}'; choose from: {', '.join(RESAMPLE)}")
+    steps: list = [T.Resize(resize, interpolation=RESAMPLE[cfg.resample])]
+    if cfg.crop:
+        steps.append(T.CenterCrop(cfg.crop))
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+def official_bn_update(extractor: FeatureExtractor, cfg: PatchCoreConfig) -> None:
+    """Reproduce patchcore-inspection's BatchNorm bug (`PatchCore.load` -> `NetworkFeatureAggregator.
+    feature_dimensions`): one forward of torch.ones(1, 3, S, S) (S = the network input size) while the backbone is
+    still in train mode, stopped after the last requested layer, before `.eval()`."""
+    if cfg.crop:
+        size = (cfg.crop, cfg.crop)
+    elif len(cfg.resize) == 2:
+        size = (int(cfg.resize[0]), int(cfg.resize[1]))
+    else:
+        size = (int(cfg.resize[0]), int(cfg.resize[0]))
+    extractor.official_bn_update(size)
 
 
 def build_bank(extractor: FeatureExtractor, samples: Sequence[Sample], cfg: PatchCoreConfig, device: torch.device,
@@ -347,4 +379,9 @@ def run_category(data: CategoryData, extractor: FeatureExtractor, cfg: PatchCore
     paths = save_group_scores(data, name, groups, score_dir)
     log.info("%s/%s: scores written to %s%s", name, data.category, ", ".join(p.name for p in paths),
              f"; maps under {Path(score_dir) / 'anomaly_maps' / name / data.category}" if maps else "")
+    from evaluation.metrics import group_aurocs  # for the log; benchmark_performance.py does the evaluation
+
+    aurocs = group_aurocs(data, groups)
+    log.info("%s/%s: image AUROC %s", name, data.category,
+             ", ".join(f"{g} {100 * a:.1f}%" for g, a in aurocs.items()) or "n/a (no labels)")
     return CategoryResult(test_scores, val_scores, len(bank), paths)

@@ -63,6 +63,17 @@ class FeatureExtractor(nn.Module):
         out, self._out = self._out, {}
         return {name: out[name] for name in self.layers}
 
+    def official_bn_update(self, size: tuple[int, int] = (224, 224)) -> None:
+        """patchcore-inspection's `feature_dimensions` probe, kept for parity: one forward of an all-ones
+        (1, 3, *size) image with the backbone in train mode, so every BatchNorm the (early-stopped) forward reaches
+        takes one running-statistics update (momentum 0.1 for torchvision); the backbone is back in eval after."""
+        p = next(self.backbone.parameters())
+        self.backbone.train()
+        try:
+            self(torch.ones(1, 3, *size, device=p.device, dtype=p.dtype))
+        finally:
+            self.backbone.eval()
+
     @property
     def feature_dims(self) -> dict[str, int]:
         if self._dims is None:

@@ -262,3 +262,86 @@ def test_clear_errors(synth_run, tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         sapatchcore.main(["--dataset", "mvtec_ad", "--data-root", str(tmp_path / "missing"), "--categories", "bottle",
                           "--weights", "random"])
+
+
+# ------------------------------------------------------------------------------------------------ official input
+def _pil_reference(img, size_wh, resample, crop):
+    """PIL resize + centre crop + ImageNet normalisation, by hand (what the official transforms compute)."""
+    a = np.asarray(img.resize(size_wh, resample), dtype=np.float32) / 255.0
+    h, w = a.shape[:2]
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    a = a[top:top + crop, left:left + crop]
+    a = (a - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return torch.from_numpy(a.transpose(2, 0, 1).copy())
+
+
+def test_input_resize_filters_match_pil():
+    """SA-PatchCore: PIL LANCZOS to 256x256 (run.py's Image.ANTIALIAS) then crop 224; PatchCore: PIL bilinear of
+    the shorter side to 256 (torchvision Resize default) then crop 224."""
+    from PIL import Image
+
+    from methods.patchcore import transform_for
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8))  # H=50, W=70: upsampled
+    sa = defaults_for("sapatchcore")
+    assert sa.resample == "lanczos" and defaults_for("patchcore").resample == "bilinear"
+    got = transform_for(sa)(img)
+    torch.testing.assert_close(got, _pil_reference(img, (256, 256), Image.LANCZOS, 224), rtol=0, atol=1e-5)
+    bilinear = _pil_reference(img, (256, 256), Image.BILINEAR, 224)
+    assert (got - bilinear).abs().max() > 0.05  # the filters really differ on this image
+    pc = transform_for(defaults_for("patchcore"))(img)
+    torch.testing.assert_close(pc, _pil_reference(img, (358, 256), Image.BILINEAR, 224), rtol=0, atol=1e-5)
+    torch.testing.assert_close(transform_for(defaults_for("sapatchcore", resample="bilinear"))(img), bilinear,
+                               rtol=0, atol=1e-5)
+
+
+def test_old_bank_config_reads_as_bilinear():
+    from methods.patchcore import PatchCoreConfig
+
+    d = defaults_for("sapatchcore").to_dict()
+    del d["resample"]  # a bank saved before the filter was recorded was built with bilinear
+    assert PatchCoreConfig.from_dict(d).resample == "bilinear"
+    assert PatchCoreConfig.from_dict(defaults_for("sapatchcore").to_dict()).resample == "lanczos"
+
+
+# ------------------------------------------------------------------------------------------------ official BN bug
+def test_official_bn_update_equals_one_train_mode_forward_of_ones():
+    """patchcore-inspection's feature_dimensions probe: one all-ones forward in train mode, stopped after layer3,
+    so the BatchNorms of the stem and layers 1-3 take one momentum-0.1 update and layer4's stay as loaded."""
+    import copy
+
+    from methods.patchcore import official_bn_update
+    from models.backbones import load_backbone
+    from models.feature_extractor import FeatureExtractor
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        net = load_backbone("resnet18", "random")
+    for m in net.modules():  # non-trivial loaded statistics, so that an update is visible
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ref = copy.deepcopy(net).train()
+    with torch.no_grad():
+        x = torch.ones(1, 3, 112, 112)
+        x = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
+        ref.layer3(ref.layer2(ref.layer1(x)))  # the official forward stops after layer3
+    fe = FeatureExtractor(net, ["layer2", "layer3"])
+    official_bn_update(fe, defaults_for("patchcore", crop=112))
+    assert not net.training  # back in eval mode
+    got, want = net.state_dict(), ref.state_dict()
+    moved = [k for k in got if k.endswith("running_mean") and not torch.equal(got[k], before[k])]
+    assert "bn1.running_mean" in moved and "layer3.1.bn2.running_mean" in moved
+    for k in got:
+        if k.startswith("layer4"):
+            assert torch.equal(got[k], before[k]), k  # never reached
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    with torch.no_grad():  # by hand for the stem: one momentum-0.1 step toward the batch statistics of conv1(ones)
+        y = net.conv1(torch.ones(1, 3, 112, 112))
+    torch.testing.assert_close(net.bn1.running_mean, 0.9 * before["bn1.running_mean"] + 0.1 * y.mean((0, 2, 3)))
+    torch.testing.assert_close(net.bn1.running_var,
+                               0.9 * before["bn1.running_var"] + 0.1 * y.var((0, 2, 3), unbiased=True))
+    assert int(got["bn1.num_batches_tracked"]) == int(before["bn1.num_batches_tracked"]) + 1

@@ -536,5 +536,9 @@ def run_category(data: CategoryData, encoder: Encoder, backbone_name: str, cfg: 
     seg_dir = write_test_segmentation(cat, masks_root, data.test, test_maps)
     log.info("%s: wrote %s, %s and %d test segmentations in %s; inference %.1f img/s", cat,
              ", ".join(p.name for p in paths), Path(params_path(score_dir, cat)).name, len(data.test), seg_dir, ips)
+    from evaluation.metrics import group_aurocs  # for the log; benchmark_performance.py does the evaluation
+
+    log.info("%s: patchhist image AUROC %s", cat, ", ".join(f"{g} {100 * a:.1f}%" for g, a in
+                                                         group_aurocs(data, groups).items()) or "n/a (no labels)")
     return {"category": cat, "epoch_s": float(np.mean(res.epoch_times)), "infer_img_s": ips,
             "final_loss": res.losses[-1], "num_classes": ts.num_classes, "sup": len(ts.sup), "unsup": len(ts.unsup)}
