@@ -38,7 +38,7 @@ def dtd_root(tmp_path_factory) -> Path:
         return DTD_ROOT
     from dataset_readers.synthetic_textures import generate
 
-    return generate(tmp_path_factory.mktemp("synthetic_textures"), per_class=8, size=256, seed=0)
+    return generate(tmp_path_factory.mktemp("synthetic_textures"), per_class=12, size=256, seed=0)  # the demo's stand-in
 
 
 @pytest.fixture(scope="session")

@@ -193,7 +193,7 @@ def test_end_to_end_ranks_structural_anomalies_and_reloads_checkpoint(synthetic_
     groups = data.score_groups()
     struc = load_scores("synth_box", "glass", "struc", groups["struc"], tmp_path / "s")
     auc = image_auroc(struc, [s.label for s in groups["struc"]])
-    assert auc > 0.75, auc  # measured 0.906 (manifold, --fast)
+    assert auc > 0.75, auc  # measured 0.906 (manifold, --fast) with the DTD subset, 0.812 with generated textures
     assert res["metrics"]["image_auroc_struc"] == pytest.approx(auc)
     sample = data.test[-1]
     import tifffile
