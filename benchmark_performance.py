@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.errors import guard
 from evaluation import metrics as M
 from evaluation.benchmark import Config, run
 
@@ -26,14 +27,18 @@ SCORE_DIR = REPO_ROOT / "anomaly_score"
 OUT_DIR = REPO_ROOT / "results"
 
 
+@guard
 def main(argv=None) -> int:
+    """Exit status 0 only when everything asked for was evaluated; otherwise one closing line names the first cause."""
     from common.cli import resolve_categories
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--dataset", default=DATASET)
     p.add_argument("--data-root", default=ROOT)
     p.add_argument("--categories", nargs="+", default=CATEGORIES)
-    p.add_argument("--methods", nargs="+", default=METHODS, help="score-file method names (SINBAD levels are found)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"score-file method names (SINBAD levels are found); default: those present of {' '.join(METHODS)}")
     p.add_argument("--pairs", nargs="+", default=PAIRS,
                    help="cross-method fusions: branches or families joined by '+', e.g. CSAD+SINBAD patchhist+LGST+sinbad")
     p.add_argument("--score-dir", default=str(SCORE_DIR))
@@ -45,8 +50,11 @@ def main(argv=None) -> int:
     p.add_argument("--masks-root", default=None, help="CSAD pseudo-label root, for the segmentation figure")
     p.add_argument("--spro-limit", type=float, default=M.SPRO_HEADLINE_LIMIT, help="sPRO limit of the markdown table")
     args = p.parse_args(argv)
-    cfg = Config(dataset=args.dataset, data_root=args.data_root, categories=resolve_categories(args),
-                 methods=args.methods, score_dir=Path(args.score_dir), out_dir=Path(args.out_dir), pairs=args.pairs,
+    categories = resolve_categories(args)
+    cfg = Config(dataset=args.dataset, data_root=args.data_root, categories=categories,
+                 methods=args.methods or METHODS, score_dir=Path(args.score_dir), out_dir=Path(args.out_dir),
+                 pairs=args.pairs, explicit_methods=args.methods is not None,
+                 explicit_categories=args.categories is not None, requested_categories=list(categories),
                  official_image_score=args.official_image_score, maps=not args.no_maps, figures=not args.no_figures,
                  masks_root=args.masks_root, spro_limit=args.spro_limit)
     run(cfg)

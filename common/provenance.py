@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import subprocess
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RANDOM = "RANDOM"
@@ -42,8 +42,10 @@ def weights_record(model: Any = None, *, backbone: str | None = None, file: str 
 
 
 def is_random(record: Mapping | None) -> bool:
-    w = (record or {}).get("weights") or {}
-    return w.get("sha256", RANDOM) == RANDOM
+    """Random backbone weights. A record without weights (a method with no backbone, e.g. the mean-image
+    baseline) is not random."""
+    w = (record or {}).get("weights")
+    return bool(w) and w.get("sha256", RANDOM) == RANDOM
 
 
 def _plain(value: Any) -> Any:
@@ -90,8 +92,18 @@ def current() -> dict | None:
     return None if _CURRENT is None else dict(_CURRENT)
 
 
+def start_from_args(method: str, args: Any, weights: Mapping | None = None, settings: Any = None) -> dict:
+    """start_run from a script's parsed common flags (common.cli.add_common_args): one line in each main()."""
+    a = vars(args) if not isinstance(args, Mapping) else args
+    return start_run(method=method, dataset=a.get("dataset"), data_root=a.get("data_root"),
+                     categories=a.get("categories"), weights=weights, fast=bool(a.get("fast")), seed=a.get("seed"),
+                     settings=settings if settings is not None else a)
+
+
 def weights_text(record: Mapping | None) -> str:
-    w = (record or {}).get("weights") or {}
+    w = (record or {}).get("weights")
+    if not w:
+        return "no backbone weights"
     if w.get("sha256", RANDOM) == RANDOM:
         return f"{w.get('backbone') or '?'} RANDOM weights"
     return f"{w.get('backbone')} {w.get('weights')} sha256:{str(w.get('sha256'))[:12]}"
@@ -101,6 +113,33 @@ def describe(record: Mapping | None) -> str:
     """One line for a table title or a figure caption."""
     if not record:
         return "provenance unknown"
+    return f"{record.get('method')} on {record.get('dataset')} ({record.get('data_root')}), {run_text(record)}"
+
+
+def run_text(record: Mapping | None) -> str:
+    """Backbone + weights, settings, seed and commit of one run (no dataset): a table's per-method line."""
+    if not record:
+        return "provenance unknown (score file written before run records existed)"
     mode = "--fast" if record.get("fast") else "full settings"
-    return (f"{record.get('method')} on {record.get('dataset')} ({record.get('data_root')}), {weights_text(record)}, "
-            f"{mode}, seed {record.get('seed')}, commit {record.get('commit')}")
+    return f"{weights_text(record)}, {mode}, seed {record.get('seed')}, commit {record.get('commit')}"
+
+
+RANDOM_TITLE = "RANDOM WEIGHTS: numbers not meaningful"
+
+
+def summary_lines(dataset: str, data_root: Any, categories: Sequence[str] | None,
+                  records: Mapping[str, Sequence[Mapping | None]]) -> list[str]:
+    """How a table or figure was made: dataset and root, categories, then one line per method (its distinct runs).
+
+    records: method name -> the run records of its score files (None for files without a record)."""
+    lines = [f"dataset {dataset} ({data_root if data_root else 'default root'}), categories: "
+             f"{', '.join(categories) if categories else 'all'}; evaluated at commit {git_commit()}"]
+    for method, recs in records.items():
+        texts = list(dict.fromkeys(run_text(r) for r in recs)) or [run_text(None)]
+        lines.append(f"{method}: " + (texts[0] if len(texts) == 1 else f"{len(texts)} different runs: " + " | ".join(texts)))
+    return lines
+
+
+def any_random(records: Mapping[str, Sequence[Mapping | None]]) -> bool:
+    """True when any score file came from random weights (a missing record is not counted as random)."""
+    return any(r is not None and is_random(r) for recs in records.values() for r in recs)

@@ -6,7 +6,10 @@ Experiments per category:
 - cross-method combinations given with --pairs, e.g. "CSAD+SINBAD" or "patchhist+LGST+sinbad".
 A combination of several branches sums their trimmed-z-normalised scores (evaluation.fusion.fuse); one branch is
 used as it is (the normalisation is affine, AUROC does not change).
-Outputs (in --out-dir): score_combine_result.txt (CSAD format), benchmark_{dataset}.csv / .md / .json.
+Outputs (in --out-dir): score_combine_result.txt (CSAD format), benchmark_{dataset}.csv / .md / .json, each
+headed by how it was made (dataset, root, categories, per method the backbone + weights hash, settings, seed,
+commit), taken from the run records in the score files' JSON indexes. In the txt and csv these are '# ' lines
+(read_csv skips them).
 """
 from __future__ import annotations
 
@@ -19,10 +22,14 @@ from typing import Sequence
 import numpy as np
 
 from common import atomic_write_json, atomic_write_text, get_logger
-from dataset_readers import CategoryData, DatasetError, read_category, union_mask
+from common import provenance as P
+from common.errors import UserError
+from dataset_readers import (DATASETS, CategoryData, DatasetError, dataset_root, list_categories, read_category,
+                             union_mask)
 from evaluation import metrics as M
 from evaluation.fusion import fuse, subsets
-from evaluation.score_files import ScoreFileError, anomaly_map_path, load_anomaly_map, load_scores, safe_category, score_path
+from evaluation.score_files import (ScoreFileError, anomaly_map_path, load_anomaly_map, load_score_file, safe_category,
+                                    score_path)
 
 LOG = get_logger("benchmark")
 PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
@@ -32,6 +39,10 @@ SINBAD_LEVEL = re.compile(r"^sinbad_L(\d+)$")
 ALIASES = {"CSAD": CSAD_BRANCHES, "SINBAD": ("sinbad",), "GLASS": ("glass",), "PatchCore": ("patchcore",),
            "SA-PatchCore": ("sapatchcore",)}
 LOCO_KINDS = (("logi", "logical_anomalies"), ("struc", "structural_anomalies"))
+
+
+class BenchmarkError(UserError):
+    """Something the benchmark was asked for was refused or skipped (raised after the tables are written)."""
 
 
 @dataclass
@@ -49,6 +60,11 @@ class Config:
     masks_root: str | None = None
     spro_limit: float = M.SPRO_HEADLINE_LIMIT
     limits: Sequence[float] = M.SPRO_LIMITS
+    # Given explicitly by the user: then a method without score files, or a category without any, is a failure.
+    # The defaults ("every method / category there is") only report what is absent.
+    explicit_methods: bool = False
+    explicit_categories: bool = False
+    requested_categories: Sequence[str] = ()
 
 
 @dataclass
@@ -57,6 +73,7 @@ class Row:
     experiment: tuple[str, ...]
     values: dict[str, float] = field(default_factory=dict)  # fractions in [0, 1]
     official_json: dict = field(default_factory=dict)
+    curves: dict = field(default_factory=dict)  # group -> (scores, labels) evaluated, for the ROC figure
 
     @property
     def name(self) -> str:
@@ -96,12 +113,18 @@ def experiments(category: str, methods: Sequence[str], pairs: Sequence[str], sco
 # --------------------------------------------------------------------------------------------- score loading
 
 class Scores:
-    """Loads each branch's groups once per category; a missing or refused file is logged once and remembered."""
+    """Loads each branch's groups once per category; a missing or refused file is logged once and remembered.
 
-    def __init__(self, data: CategoryData, score_dir: Path, problems: list[str]):
-        self.data, self.score_dir, self.problems = data, score_dir, problems
+    `problems` collects what was refused or skipped (the exit status and the closing summary), `records` the run
+    record of every score file read, per branch (the tables' provenance)."""
+
+    def __init__(self, data: CategoryData, cfg: "Config", problems: list[str], records: dict[str, list],
+                 warnings: list[str] | None = None):
+        self.data, self.cfg, self.score_dir, self.problems, self.records = data, cfg, cfg.score_dir, problems, records
+        self.warnings = warnings if warnings is not None else []
         self.groups = data.score_groups()
         self.cache: dict[str, dict[str, np.ndarray] | None] = {}
+        self.paths: dict[str, dict[str, Path]] = {}
 
     def branch(self, name: str) -> dict[str, np.ndarray] | None:
         if name not in self.cache:
@@ -110,21 +133,29 @@ class Scores:
 
     def _load(self, name: str) -> dict[str, np.ndarray] | None:
         cat = self.data.category
-        out = {}
+        out, recs, paths = {}, [], {}
         for group, samples in self.groups.items():
             path = score_path(cat, name, group, self.score_dir)
             if not path.is_file():
                 if group == "val":
                     continue  # only fusion needs it; checked there
-                LOG.info("skip %s/%s: no score file %s", name, cat, path)
+                msg = f"skip {name}/{cat}: no score file {path}"
+                if self.cfg.explicit_methods and name in self.cfg.methods:
+                    msg = f"SKIPPED {name}/{cat}: no score file {path} (run the {name} script for {cat})"
+                    self.problems.append(msg)
+                LOG.info(msg)
                 return None
             try:
-                out[group] = load_scores(cat, name, group, samples, self.score_dir)
+                out[group], index = load_score_file(cat, name, group, samples, self.score_dir, self.cfg.dataset)
             except ScoreFileError as exc:
                 msg = f"REFUSED {name}/{cat}: {exc}"
                 LOG.error(msg)
                 self.problems.append(msg)
                 return None
+            recs.append(index["run"])
+            paths[group] = path
+        self.records.setdefault(name, []).extend(recs)
+        self.paths[name] = paths
         return out
 
 
@@ -137,10 +168,28 @@ def _experiment_scores(scores: Scores, combo: tuple[str, ...], group: str) -> np
     if len(combo) == 1:
         return branches[0][group]
     if any("val" not in b for b in branches):
-        LOG.info("skip %s/%s: fusion needs validation score files (group 'val') for every branch",
-                 "+".join(combo), scores.data.category)
+        msg = (f"skip {'+'.join(combo)}/{scores.data.category}: fusion needs validation score files (group 'val') "
+               f"for every branch; missing for {', '.join(n for n, b in zip(combo, branches) if 'val' not in b)}")
+        if "val" in scores.groups:  # the dataset has a validation split, so the method should have written it
+            msg = "SKIPPED " + msg[len("skip "):] + " (re-run those methods)"
+            scores.problems.append(msg)
+        LOG.info(msg)
         return None
     return fuse({n: b[group] for n, b in zip(combo, branches)}, {n: b["val"] for n, b in zip(combo, branches)})
+
+
+def _check_constant(scores: Scores, combo: tuple[str, ...], group: str, s: np.ndarray) -> None:
+    """Every image with the same score gives AUROC 50 whatever the labels: a broken run, not a result."""
+    if len(s) and np.ptp(s) == 0:
+        name, cat = "+".join(combo), scores.data.category
+        files = ", ".join(str(scores.paths.get(b, {}).get(group, b)) for b in combo)
+        msg = (f"WARNING {name}/{cat}/{GROUP_NAMES.get(group, group)}: constant scores (every image {s[0]:.6g}), "
+               f"so its AUROC of 50 means nothing; check the run that wrote {files}")
+        LOG.warning(msg)
+        scores.warnings.append(msg)
+
+
+GROUP_NAMES = {"logi": "logical", "struc": "structural", "test": "test"}
 
 
 def _load_maps(method: str, data: CategoryData, score_dir: Path) -> dict[str, np.ndarray] | None:
@@ -176,7 +225,9 @@ def evaluate_loco(data: CategoryData, combo: tuple[str, ...], scores: Scores, cf
             s = _experiment_scores(scores, combo, group)
             if s is None:
                 return None
+            _check_constant(scores, combo, group, s)
             auc = M.image_auroc(s, labels)
+        row.curves[group] = (s, labels)
         row.values[f"auroc_{group}"] = auc
         official[kind] = auc
     if {"auroc_logi", "auroc_struc"} <= row.values.keys():
@@ -206,6 +257,8 @@ def evaluate_flat(data: CategoryData, combo: tuple[str, ...], scores: Scores, cf
         s = _experiment_scores(scores, combo, "test")
         if s is None:
             return None
+        _check_constant(scores, combo, "test", s)
+    row.curves["test"] = (s, labels)
     row.values["image_auroc"] = M.image_auroc(s, labels)
     row.values["f1_max"] = M.f1_max(s, labels)
     if maps is not None and cfg.maps:
@@ -224,9 +277,98 @@ def load_paper(dataset: str) -> dict:
 
 def paper_value(paper: dict, experiment: str, category: str | None) -> float | None:
     entry = paper.get(experiment)
-    if not entry:
+    if not entry or not isinstance(entry, dict):
         return None
-    return entry.get("mean") if category is None else entry.get("categories", {}).get(category)
+    return entry.get("mean") if category is None else (entry.get("categories") or {}).get(category)
+
+
+@dataclass
+class Provenance:
+    """How the tables were made: the run records of every score file read, per branch."""
+    dataset: str
+    data_root: str | None
+    categories: Sequence[str]
+    records: dict[str, list]
+
+    @property
+    def random(self) -> bool:
+        return P.any_random(self.records)
+
+    def title(self, what: str) -> str:
+        return f"{what}" + (f" — {P.RANDOM_TITLE}" if self.random else "")
+
+    def lines(self) -> list[str]:
+        return P.summary_lines(self.dataset, self.data_root, self.categories, self.records)
+
+    def caption(self) -> str:
+        """The figures' caption: the same lines, joined."""
+        return "\n".join(([P.RANDOM_TITLE] if self.random else []) + self.lines())
+
+    def as_json(self) -> dict:
+        return {"title": self.title(f"benchmark {self.dataset}"), "random_weights": self.random,
+                "lines": self.lines(), "dataset": self.dataset, "data_root": self.data_root,
+                "categories": list(self.categories), "commit": P.git_commit(), "runs": {
+                    m: list({json.dumps(r, sort_keys=True): r for r in recs}.values()) for m, recs in self.records.items()}}
+
+
+class PaperRule:
+    """A published value is shown only where the dataset and protocol are the paper's (else the column is blank
+    and the table says why): the paper's dataset; a category row only on that category's full official test set
+    (both LOCO subsets); the Mean row only over all the paper's categories; full settings (not --fast), real
+    weights, the paper's image score (not --official-image-score)."""
+
+    def __init__(self, cfg: Config, rows: list[Row], prov: Provenance, test_sets: dict[str, dict[str, int]]):
+        self.paper = load_paper(cfg.dataset)
+        protocol = self.paper.get("_protocol", {})
+        self.test_images = protocol.get("test_images", {})
+        self.cfg, self.prov, self.test_sets = cfg, prov, test_sets
+        try:
+            self.official = list(protocol.get("categories") or list_categories(cfg.dataset))
+        except DatasetError:
+            self.official = []
+        self.reasons: list[str] = []
+
+    def _note(self, reason: str) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+    def _category_ok(self, category: str) -> str | None:
+        counts = self.test_sets.get(category, {})
+        if self.cfg.dataset in LOCO_DATASETS and not {"logi", "struc"} <= counts.keys():
+            return f"{category} lacks a logical or structural test subset"
+        want = self.test_images.get(category)
+        if want is not None and counts.get("test") != want:
+            return f"{category} has {counts.get('test')} test images, the official test set {want}"
+        return None
+
+    def value(self, r: Row) -> float | None:
+        is_mean = r.category.startswith("Mean")
+        v = paper_value(self.paper, r.name, None if is_mean else r.category)
+        if v is None:
+            return None
+        recs = [x for b in r.experiment for x in self.prov.records.get(b, [])]
+        if self.cfg.official_image_score:
+            self._note("--official-image-score is not the papers' image score")
+            return None
+        if any(x is not None and P.is_random(x) for x in recs):
+            self._note("random weights")
+            return None
+        if any(x is not None and x.get("fast") for x in recs):
+            self._note("--fast runs")
+            return None
+        cats = [c for c in self.cfg.categories] if is_mean else [r.category]
+        if is_mean and (r.category != "Mean" or sorted(cats) != sorted(self.official)):
+            self._note(f"the Mean is over {', '.join(cats)}, the paper's over all {len(self.official)} categories")
+            return None
+        for c in cats:
+            bad = self._category_ok(c)
+            if bad:
+                self._note(bad + " (not the paper's protocol)")
+                return None
+        return v / 100
+
+
+LOCO_DATASETS = ("mvtec_loco",)
 
 
 def columns(is_loco: bool, limits: Sequence[float]) -> list[str]:
@@ -253,15 +395,25 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{100 * v:.3f}"
 
 
-def write_outputs(rows: list[Row], cfg: Config, is_loco: bool) -> dict[str, Path]:
+def read_csv(path: str | Path) -> list[list[str]]:
+    """Rows of a benchmark CSV (header first), without its '# ' provenance lines."""
+    return [l.split(",") for l in Path(path).read_text().splitlines() if l and not l.startswith("#")]
+
+
+def write_outputs(rows: list[Row], cfg: Config, is_loco: bool, prov: Provenance | None = None,
+                  test_sets: dict[str, dict[str, int]] | None = None) -> dict[str, Path]:
     out = Path(cfg.out_dir)
-    paper = load_paper(cfg.dataset)
+    prov = prov or Provenance(cfg.dataset, cfg.data_root, cfg.categories, {})
+    rule = PaperRule(cfg, rows, prov, test_sets or {})
     cols = columns(is_loco, cfg.limits)
     means = mean_rows(rows, cfg.categories)
     table = rows + means
+    title = prov.title(f"Benchmark: {cfg.dataset}")
+    comment = [f"# {title}"] + [f"# {l}" for l in prov.lines()]
 
-    # score_combine_result.txt, CSAD format: one block per category, AUROC x100 with 3 decimals.
-    lines = []
+    # score_combine_result.txt, CSAD format: one block per category, AUROC x100 with 3 decimals (after the
+    # '# ' provenance lines).
+    lines = list(comment)
     for cat in cfg.categories:
         mine = [r for r in rows if r.category == cat]
         if not mine:
@@ -273,14 +425,14 @@ def write_outputs(rows: list[Row], cfg: Config, is_loco: bool) -> dict[str, Path
     paths = {"txt": out / "score_combine_result.txt"}
     atomic_write_text(paths["txt"], "\n".join(lines) + "\n")
 
-    def paper_of(r: Row) -> float | None:
-        v = paper_value(paper, r.name, None if r.category.startswith("Mean") else r.category)
-        return None if v is None else v / 100
+    paper_cells = {id(r): _fmt(rule.value(r)) for r in table}
+    paper_note = ("paper: the published value, shown only where the dataset and protocol are the paper's"
+                  + (f"; left blank here because of: {'; '.join(rule.reasons)}" if rule.reasons else ""))
 
     header = ["category", "experiment"] + cols + ["paper"]
-    csv_lines = [",".join(header)]
+    csv_lines = comment + [f"# {paper_note}", ",".join(header)]
     for r in table:
-        csv_lines.append(",".join([r.category, r.name] + [_fmt(r.values.get(c)) for c in cols] + [_fmt(paper_of(r))]))
+        csv_lines.append(",".join([r.category, r.name] + [_fmt(r.values.get(c)) for c in cols] + [paper_cells[id(r)]]))
     paths["csv"] = out / f"benchmark_{cfg.dataset}.csv"
     atomic_write_text(paths["csv"], "\n".join(csv_lines) + "\n")
 
@@ -294,16 +446,18 @@ def write_outputs(rows: list[Row], cfg: Config, is_loco: bool) -> dict[str, Path
               "aupro": "AU-PRO@0.3", "f1_max": "F1-max"}
     if cfg.official_image_score:
         titles = {k: (v + " (official)" if k.startswith(("auroc", "image")) else v) for k, v in titles.items()}
-    md = ["| category | experiment | " + " | ".join(titles[c] for c in md_cols) + " | paper |",
-          "|---|---|" + "---:|" * (len(md_cols) + 1)]
+    md = [f"## {title}", ""] + [f"- {l}" for l in prov.lines()] + [""]
+    md += ["| category | experiment | " + " | ".join(titles[c] for c in md_cols) + " | paper |",
+           "|---|---|" + "---:|" * (len(md_cols) + 1)]
     for r in table:
-        cells = [_fmt(r.values.get(c)) or "–" for c in md_cols] + [_fmt(paper_of(r)) or "–"]
+        cells = [_fmt(r.values.get(c)) or "–" for c in md_cols] + [paper_cells[id(r)] or "–"]
         md.append(f"| {r.category} | {r.name} | " + " | ".join(cells) + " |")
+    md += ["", f"*{paper_note}.*"]
     paths["md"] = out / f"benchmark_{cfg.dataset}.md"
     atomic_write_text(paths["md"], "\n".join(md) + "\n")
 
-    # The official metrics.json key structure, per experiment and category.
-    js: dict = {}
+    # The official metrics.json key structure, per experiment and category; how it was made under "_provenance".
+    js: dict = {"_provenance": prov.as_json()}
     for r in rows:
         js.setdefault(r.name, {})[r.category] = r.official_json or {k: v for k, v in r.values.items()}
     paths["json"] = out / f"benchmark_{cfg.dataset}.json"
@@ -313,22 +467,42 @@ def write_outputs(rows: list[Row], cfg: Config, is_loco: bool) -> dict[str, Path
 
 # --------------------------------------------------------------------------------------------- driver
 
+def _test_set(data: CategoryData) -> dict[str, int]:
+    groups = data.score_groups()
+    return {"test": len(data.test), **{g: len(v) for g, v in groups.items()}}
+
+
 def run(cfg: Config) -> tuple[list[Row], list[str]]:
-    """Evaluate every experiment found; return the rows and the refused files."""
+    """Evaluate every experiment found; return the rows and the refused files.
+
+    Raises BenchmarkError (after writing the tables of what could be evaluated) when anything asked for was
+    refused or skipped; its message, the last line printed, names the first cause."""
     rows: list[Row] = []
     problems: list[str] = []
+    warnings: list[str] = []
+    records: dict[str, list] = {}
+    test_sets: dict[str, dict[str, int]] = {}
     is_loco = None
     done_categories = []
     for cat in cfg.categories:
         try:
             data = read_category(cfg.dataset, cat, cfg.data_root)
         except DatasetError as exc:
-            LOG.info("skip category %s: %s", cat, exc)
+            root = dataset_root(cfg.dataset, cfg.data_root) if cfg.dataset in DATASETS else None
+            if not cfg.explicit_categories and root is not None and root.is_dir() and not (root / cat).exists():
+                # Default list: a partial download is fine, only the categories asked for by name must be there.
+                LOG.info("skip category %s: %s", cat, exc)
+                continue
+            msg = f"SKIPPED category {cat}: {exc}"
+            LOG.error(msg)
+            problems.append(msg)
+            if root is None or not root.is_dir():
+                break  # the same for every category: say it once
             continue
         is_loco = data.is_loco
-        done_categories.append(cat)
-        scores = Scores(data, cfg.score_dir, problems)
-        present = []
+        test_sets[cat] = _test_set(data)
+        scores = Scores(data, cfg, problems, records, warnings)
+        present: list[Row] = []
         for combo in experiments(cat, cfg.methods, cfg.pairs, cfg.score_dir):
             evaluate = evaluate_loco if data.is_loco else evaluate_flat
             try:
@@ -340,21 +514,46 @@ def run(cfg: Config) -> tuple[list[Row], list[str]]:
                 continue
             if row is not None:
                 rows.append(row)
-                present.append(row.name)
+                present.append(row)
+        if present:
+            done_categories.append(cat)
+        elif cfg.explicit_categories and not any(p.split(":")[0].endswith(f"/{cat}") for p in problems):
+            msg = f"SKIPPED category {cat}: no score files for it in {cfg.score_dir} (run the method scripts for {cat})"
+            LOG.error(msg)
+            problems.append(msg)
         if cfg.figures and present:
-            _figures(data, [r for r in present if "+" not in r], cfg)
-        LOG.info("%s: evaluated %s", cat, ", ".join(present) or "nothing (no score files)")
+            branches = dict.fromkeys(b for r in present for b in r.experiment)
+            prov = Provenance(cfg.dataset, cfg.data_root, [cat],
+                              {b: [x for x in records.get(b, [])] for b in branches})
+            _figures(data, present, cfg, prov)
+        LOG.info("%s: evaluated %s", cat, ", ".join(r.name for r in present) or "nothing (no score files)")
+    if rows:
+        cfg.categories = done_categories
+        prov = Provenance(cfg.dataset, cfg.data_root, done_categories, records)
+        paths = write_outputs(rows, cfg, bool(is_loco), prov, test_sets)
+        print(Path(paths["md"]).read_text())
+        _print_csad_summary(rows, bool(is_loco))
+        LOG.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+        if prov.random:
+            LOG.warning("%s: at least one score file comes from random backbone weights", P.RANDOM_TITLE)
+    _summary(problems, warnings)
+    if problems:
+        raise BenchmarkError(f"{len(problems)} of the requested inputs refused or skipped"
+                             f"{' (tables hold the rest)' if rows else ''}; first: {problems[0]}")
     if not rows:
-        LOG.info("no score files found in %s for %s; run the method scripts first", cfg.score_dir, cfg.dataset)
-        return rows, problems
-    cfg.categories = done_categories
-    paths = write_outputs(rows, cfg, bool(is_loco))
-    print(Path(paths["md"]).read_text())
-    _print_csad_summary(rows, bool(is_loco))
-    LOG.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-    for p in problems:
-        LOG.info("problem: %s", p)
+        raise BenchmarkError(f"no score files found in {cfg.score_dir} for {cfg.dataset} "
+                             f"({', '.join(cfg.categories)}); run the method scripts first")
     return rows, problems
+
+
+def _summary(problems: list[str], warnings: list[str]) -> None:
+    if not problems and not warnings:
+        return
+    LOG.info("summary: %d refused or skipped, %d warnings", len(problems), len(warnings))
+    for p in problems:
+        LOG.info("  %s", p)
+    for w in warnings:
+        LOG.info("  %s", w)
 
 
 def _print_csad_summary(rows: list[Row], is_loco: bool) -> None:
@@ -369,14 +568,17 @@ def _print_csad_summary(rows: list[Row], is_loco: bool) -> None:
                   f"Average AUC {100 * np.mean(logi + struc):.3f}")
 
 
-def _figures(data: CategoryData, methods: list[str], cfg: Config) -> None:
+def _figures(data: CategoryData, rows: list[Row], cfg: Config, prov: Provenance) -> None:
     try:
         from evaluation.figures import write_figures
         from methods.csad.label_layout import masks_dir
 
         seg = masks_dir(data.category, cfg.masks_root) / "test_seg_output" if cfg.masks_root else None
+        methods = [r.name for r in rows if len(r.experiment) == 1]
         written = write_figures(data, methods, cfg.score_dir, Path(cfg.out_dir) / "figures",
-                                seg if seg is not None and seg.is_dir() else None)
+                                seg if seg is not None and seg.is_dir() else None, caption=prov.caption(),
+                                title_suffix=(f" — {P.RANDOM_TITLE}" if prov.random else ""), dataset=cfg.dataset,
+                                curves={r.name: r.curves for r in rows})
         LOG.info("%s: %d figures under %s", data.category, len(written), Path(cfg.out_dir) / "figures")
     except Exception as exc:  # figures are a convenience; never lose the tables over them
         LOG.info("%s: figures skipped (%s)", data.category, exc)

@@ -1,18 +1,25 @@
-"""Result figures, written once per run: anomaly-map overlays, ROC curves and CSAD segmentations.
+"""Result figures, written once per run: anomaly-map overlays, ROC curves, a method comparison and CSAD segmentations.
 
-A bounded number per method and category (default 8 images), so a full benchmark stays a few dozen files.
+A bounded number per method and category (default 8 images), so a full benchmark stays a few dozen files. Every
+figure carries the benchmark's provenance (dataset, root, categories, per method the backbone + weights hash,
+settings, seed, commit) as a caption under the panels and in the PNG's metadata (Title, Description).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from dataset_readers.base import GOOD, CategoryData, Sample, load_image
-from evaluation.score_files import anomaly_map_path, load_anomaly_map, load_scores, safe_category, score_path
+from common.io import atomic_path
+from dataset_readers.base import GOOD, CategoryData, Sample, load_image, union_mask
+from evaluation.score_files import ScoreFileError, anomaly_map_path, load_anomaly_map, load_score_file, safe_category, \
+    sample_key, score_path
 
 GROUP_TITLES = {"logi": "logical", "struc": "structural", "test": "test"}
+HEADLINE = "patchhist+LGST"  # CSAD's headline experiment: drawn bold in the ROC figure
+MAP_CMAP = "inferno"
+GT_COLOUR = "#00e5ff"  # cyan: visible on the inferno colours and on most objects
 
 
 def _plt():
@@ -39,66 +46,190 @@ def pick_examples(samples: Sequence[Sample], n: int = 8) -> list[Sample]:
     return picked[:n]
 
 
-def roc_figure(data: CategoryData, methods: Sequence[str], score_dir: Path, out_path: Path) -> Path | None:
-    """One panel per test group (logical / structural, or test), one ROC curve per method."""
+def _save(fig, out_path: Path, title: str, caption: str, dpi: int = 90) -> Path:
+    """Caption under the panels, title + caption in the PNG metadata, atomic write."""
+    lines = caption.count("\n") + 1 if caption else 0
+    height = fig.get_size_inches()[1]
+    bottom = min(0.45, (0.16 * lines + 0.1) / height) if lines else 0.0
+    top = 1 - min(0.2, 0.45 / height)
+    fig.tight_layout(rect=(0, bottom, 1, top))
+    if caption:
+        fig.text(0.01, 0.005, caption, fontsize=6.5, va="bottom", ha="left", family="monospace",
+                 color="#333333", wrap=True)
+    with atomic_path(out_path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png",
+                    metadata={"Title": title, "Description": caption, "Software": "benchmark_performance.py"})
+    _plt().close(fig)
+    return out_path
+
+
+def _test_scores(data: CategoryData, method: str, score_dir: Path) -> dict[str, float]:
+    """Image score per sample key, from the method's test-group score files (empty where none is readable)."""
+    out: dict[str, float] = {}
+    for g, samples in data.score_groups().items():
+        if g == "val" or not score_path(data.category, method, g, score_dir).is_file():
+            continue
+        try:
+            s, _ = load_score_file(data.category, method, g, samples, score_dir, data.dataset)
+        except (ScoreFileError, FileNotFoundError):
+            continue
+        out.update({sample_key(x): float(v) for x, v in zip(samples, s)})
+    return out
+
+
+def _label_text(s: Sample) -> str:
+    return "good" if not s.label else f"anomalous ({s.defect_type.replace('_anomalies', '')})"
+
+
+def _panel_title(ax, s: Sample, score: float | None, prefix: str = "") -> None:
+    score_txt = f"score {score:.4g}" if score is not None else "score n/a"
+    ax.set_title(f"{prefix}{s.stem}: {_label_text(s)}\n{score_txt}", fontsize=7.5,
+                 color="#b00020" if s.label else "#1b5e20")
+
+
+def _heat(ax, m: np.ndarray, norm, cmap) -> None:
+    """The map over the image, its opacity rising with the score: low scores leave the object visible."""
+    rgba = cmap(norm(m))
+    rgba[..., 3] = 0.15 + 0.6 * np.clip(norm(m), 0, 1)
+    ax.imshow(rgba, interpolation="bilinear")
+
+
+def _outline(ax, s: Sample) -> None:
+    if s.mask_paths:
+        gt = union_mask(s)
+        if gt.any():
+            ax.contour(gt.astype(float), levels=[0.5], colors=GT_COLOUR, linewidths=1.0)
+
+
+def roc_figure(data: CategoryData, curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], out_path: Path,
+               caption: str = "", title_suffix: str = "") -> Path | None:
+    """One panel per test group (logical / structural, or test), one ROC curve per experiment, fused ones dashed.
+
+    curves: experiment name -> group -> (scores, labels), the scores the benchmark evaluated."""
     from sklearn.metrics import roc_curve
 
     from evaluation.metrics import image_auroc
 
-    groups = [g for g in data.score_groups() if g != "val"]
-    curves = {}
-    for g in groups:
-        samples = data.score_groups()[g]
-        labels = np.array([s.label for s in samples])
-        for m in methods:
-            if score_path(data.category, m, g, score_dir).is_file() and 0 < labels.sum() < len(labels):
-                s = load_scores(data.category, m, g, samples, score_dir)
+    by_group: dict[str, list] = {}
+    for name, groups in curves.items():
+        for g, (s, labels) in groups.items():
+            labels = np.asarray(labels)
+            if 0 < labels.sum() < len(labels):
                 fpr, tpr, _ = roc_curve(labels, s)
-                curves.setdefault(g, []).append((m, fpr, tpr, image_auroc(s, labels)))
-    if not curves:
+                by_group.setdefault(g, []).append((name, fpr, tpr, image_auroc(s, labels)))
+    if not by_group:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 4), squeeze=False)
-    for ax, (g, items) in zip(axes[0], curves.items()):
-        for m, fpr, tpr, auc in items:
-            ax.plot(fpr, tpr, label=f"{m} ({100 * auc:.1f})")
+    fig, axes = plt.subplots(1, len(by_group), figsize=(4.6 * len(by_group), 4.8), squeeze=False)
+    for ax, (g, items) in zip(axes[0], by_group.items()):
+        for name, fpr, tpr, auc in sorted(items, key=lambda t: -t[3]):
+            fused = "+" in name
+            ax.plot(fpr, tpr, ls="--" if fused else "-", lw=2.4 if name == HEADLINE else 1.3,
+                    label=f"{name} ({100 * auc:.1f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set(title=f"{data.category}: {GROUP_TITLES.get(g, g)}", xlabel="FPR", ylabel="TPR")
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+        ax.set(title=f"{GROUP_TITLES.get(g, g)} (AUROC %)", xlabel="false positive rate", ylabel="true positive rate",
+               xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(fontsize=6.5, loc="lower right")
+    title = f"ROC — {data.category}{title_suffix}"
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out_path, title, caption, dpi=100)
 
 
-def overlay_figure(data: CategoryData, method: str, score_dir: Path, out_path: Path, n: int = 8) -> Path | None:
-    """Test images with the method's anomaly map overlaid; colour scale shared across the images."""
+def overlay_figure(data: CategoryData, method: str, score_dir: Path, out_path: Path, n: int = 8,
+                   caption: str = "", title_suffix: str = "") -> Path | None:
+    """Test images with the method's map (colour scale shared, colour bar) and the ground-truth outline."""
+    from matplotlib import cm, colors
+
     examples = [s for s in pick_examples(data.test, n) if anomaly_map_path(method, data.category, s, score_dir).is_file()]
     if not examples:
         return None
     maps = [load_anomaly_map(method, data.category, s, score_dir) for s in examples]
+    scores = _test_scores(data, method, score_dir)
     lo, hi = np.percentile(np.concatenate([m.ravel() for m in maps]), [1, 99.5])
+    norm = colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
     plt = _plt()
+    cmap = plt.get_cmap(MAP_CMAP)
     cols = min(4, len(examples))
     rows = int(np.ceil(len(examples) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols + 0.8, 3.2 * rows + 0.6), squeeze=False)
+    for ax in axes.ravel()[len(examples):]:
+        ax.remove()  # no empty panels
     for ax, s, m in zip(axes.ravel(), examples, maps):
         ax.imshow(np.asarray(load_image(s.path)))
-        ax.imshow(m, cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
-        ax.set_title(f"{s.defect_type}/{s.stem}", fontsize=8)
-    fig.suptitle(f"{method} — {data.category}")
-    fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=90)
-    plt.close(fig)
+        _heat(ax, m, norm, cmap)
+        _outline(ax, s)
+        _panel_title(ax, s, scores.get(sample_key(s)))
+        ax.axis("off")
+    title = f"{method} — {data.category}{title_suffix}"
+    fig.suptitle(title + "  (cyan: ground truth)", fontsize=10)
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=[a for a in axes.ravel()[:len(examples)]],
+                 shrink=0.8, label=f"{method} anomaly map")
+    return _save_with_colorbar(fig, out_path, title, caption)
+
+
+def _save_with_colorbar(fig, out_path: Path, title: str, caption: str) -> Path:
+    """tight_layout cannot place a colour bar spanning several axes: leave room by hand instead."""
+    lines = caption.count("\n") + 1 if caption else 0
+    height = fig.get_size_inches()[1]
+    bottom = min(0.45, (0.16 * lines + 0.15) / height) if lines else 0.05
+    fig.subplots_adjust(left=0.02, right=0.86, bottom=bottom, top=1 - min(0.2, 0.55 / height), wspace=0.05, hspace=0.3)
+    if caption:
+        fig.text(0.01, 0.005, caption, fontsize=6.5, va="bottom", ha="left", family="monospace", color="#333333")
+    with atomic_path(out_path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png",
+                    metadata={"Title": title, "Description": caption, "Software": "benchmark_performance.py"})
+    _plt().close(fig)
     return out_path
 
 
-def segmentation_figure(data: CategoryData, seg_dir: Path, out_path: Path, n: int = 8) -> Path | None:
-    """CSAD: test images beside their component segmentation (PNG files named {defect_type}_{stem}.png)."""
+def comparison_figure(data: CategoryData, methods: Sequence[str], score_dir: Path, out_path: Path, n: int = 4,
+                      caption: str = "", title_suffix: str = "") -> Path | None:
+    """Every method's map of the same images side by side: one row per image (a good one, then one per defect
+    type), the image with its ground-truth outline first. Each method's column has its own colour scale (1-99.5
+    percentile over the shown images), since the methods' scores have different units."""
+    from matplotlib import colors
+
+    examples = pick_examples(data.test, n)
+    with_maps = [m for m in methods if "+" not in m
+                 and all(anomaly_map_path(m, data.category, s, score_dir).is_file() for s in examples)]
+    if not with_maps or not examples:
+        return None
+    plt = _plt()
+    cmap = plt.get_cmap(MAP_CMAP)
+    maps = {m: [load_anomaly_map(m, data.category, s, score_dir) for s in examples] for m in with_maps}
+    scores = {m: _test_scores(data, m, score_dir) for m in with_maps}
+    cols = 1 + len(with_maps)
+    fig, axes = plt.subplots(len(examples), cols, figsize=(2.4 * cols, 2.5 * len(examples) + 0.8), squeeze=False)
+    for j, m in enumerate(with_maps, start=1):
+        lo, hi = np.percentile(np.concatenate([x.ravel() for x in maps[m]]), [1, 99.5])
+        norm = colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
+        for i, s in enumerate(examples):
+            ax = axes[i, j]
+            ax.imshow(np.asarray(load_image(s.path)))
+            _heat(ax, maps[m][i], norm, cmap)
+            _outline(ax, s)
+            sc = scores[m].get(sample_key(s))
+            ax.set_title(f"{m}\nscore {sc:.4g}" if sc is not None else f"{m}\nscore n/a", fontsize=7)
+            ax.axis("off")
+    for i, s in enumerate(examples):
+        ax = axes[i, 0]
+        ax.imshow(np.asarray(load_image(s.path)))
+        _outline(ax, s)
+        ax.set_title(f"{s.stem}: {_label_text(s)}", fontsize=7, color="#b00020" if s.label else "#1b5e20")
+        ax.axis("off")
+    title = f"All methods — {data.category}{title_suffix}"
+    fig.suptitle(title + "  (cyan: ground truth; each column its own colour scale)", fontsize=9)
+    return _save(fig, out_path, title, caption)
+
+
+def segmentation_figure(data: CategoryData, seg_dir: Path, out_path: Path, n: int = 8, caption: str = "",
+                        title_suffix: str = "") -> Path | None:
+    """CSAD: test images, their component segmentation ({defect_type}_{stem}.png, colours from the segmentor's
+    palette) and the two blended, with a legend of the classes shown."""
+    from matplotlib.patches import Patch
+
+    from methods.csad.segmentor import PALETTE
+
     pairs = []
     for s in pick_examples(data.test, n):
         seg = seg_dir / f"{s.defect_type}_{s.stem}.png"
@@ -107,27 +238,53 @@ def segmentation_figure(data: CategoryData, seg_dir: Path, out_path: Path, n: in
     if not pairs:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(5, 2.5 * len(pairs)), squeeze=False)
-    for (s, seg), (a, b) in zip(pairs, axes):
-        a.imshow(np.asarray(load_image(s.path)))
-        b.imshow(np.asarray(load_image(seg)))
-        a.set_title(f"{s.defect_type}/{s.stem}", fontsize=8)
-        b.set_title("segmentation", fontsize=8)
-        a.axis("off")
-        b.axis("off")
-    fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=90)
-    plt.close(fig)
-    return out_path
+    fig, axes = plt.subplots(len(pairs), 3, figsize=(7.5, 2.5 * len(pairs) + 1.0), squeeze=False)
+    seen: set[int] = set()
+    for (s, seg), (a, b, c) in zip(pairs, axes):
+        img = np.asarray(load_image(s.path))
+        lab = np.asarray(load_image(seg))
+        # Which palette entry each pixel is: the legend names the classes present.
+        ids = np.argmin(((lab[..., None, :].astype(np.int32) - PALETTE[None, None].astype(np.int32)) ** 2).sum(-1), -1)
+        seen |= set(np.unique(ids).tolist())
+        a.imshow(img)
+        b.imshow(lab, interpolation="nearest")
+        if lab.shape[:2] != img.shape[:2]:
+            from PIL import Image
+
+            lab = np.asarray(Image.fromarray(lab).resize(img.shape[1::-1], Image.NEAREST))
+        c.imshow((0.55 * img + 0.45 * lab).astype(np.uint8))
+        a.set_title(f"{s.stem}: {_label_text(s)}", fontsize=7.5, color="#b00020" if s.label else "#1b5e20")
+        b.set_title("segmentation", fontsize=7.5)
+        c.set_title("blended", fontsize=7.5)
+        for ax in (a, b, c):
+            ax.axis("off")
+    handles = [Patch(color=PALETTE[k] / 255, label="background" if k == 0 else f"class {k}") for k in sorted(seen)]
+    fig.legend(handles=handles, loc="upper right", fontsize=7, ncol=min(4, len(handles)), frameon=False)
+    title = f"CSAD segmentation — {data.category}{title_suffix}"
+    fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+    return _save(fig, out_path, title, caption)
 
 
 def write_figures(data: CategoryData, methods: Sequence[str], score_dir: str | Path, out_dir: str | Path,
-                  seg_dir: str | Path | None = None, n: int = 8) -> list[Path]:
+                  seg_dir: str | Path | None = None, n: int = 8, caption: str = "", title_suffix: str = "",
+                  curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]] | None = None,
+                  dataset: str | None = None) -> list[Path]:
+    """ROC (every experiment in `curves`, fused ones included), one overlay per single-branch method with maps,
+    the side-by-side comparison, and the CSAD segmentation where seg_dir is given."""
     score_dir, out_dir = Path(score_dir), Path(out_dir)
     cat = safe_category(data.category)
-    written = [roc_figure(data, methods, score_dir, out_dir / cat / "roc.png")]
-    written += [overlay_figure(data, m, score_dir, out_dir / cat / f"overlay_{m}.png", n) for m in methods]
+    single = [m for m in methods if "+" not in m]
+    if curves is None:  # no benchmark rows given: the single-branch score files as they are
+        curves = {}
+        for m in single:
+            for g, samples in data.score_groups().items():
+                if g != "val" and score_path(data.category, m, g, score_dir).is_file():
+                    s, _ = load_score_file(data.category, m, g, samples, score_dir, dataset)
+                    curves.setdefault(m, {})[g] = (s, np.array([x.label for x in samples]))
+    kw = dict(caption=caption, title_suffix=title_suffix)
+    written = [roc_figure(data, curves, out_dir / cat / "roc.png", **kw)]
+    written += [overlay_figure(data, m, score_dir, out_dir / cat / f"overlay_{m}.png", n, **kw) for m in single]
+    written.append(comparison_figure(data, single, score_dir, out_dir / cat / "all_methods.png", **kw))
     if seg_dir is not None:
-        written.append(segmentation_figure(data, Path(seg_dir), out_dir / cat / "csad_segmentation.png", n))
+        written.append(segmentation_figure(data, Path(seg_dir), out_dir / cat / "csad_segmentation.png", n, **kw))
     return [p for p in written if p is not None]

@@ -41,7 +41,10 @@ def sample_key(sample: Sample) -> str:
 
 
 def save_scores(category: str, method: str, group: str, scores, samples: Sequence[Sample],
-                score_dir: str | Path = DEFAULT_SCORE_DIR) -> Path:
+                score_dir: str | Path = DEFAULT_SCORE_DIR, dataset: str | None = None) -> Path:
+    """Write the scores and their JSON index; the index carries the run record (common.provenance.current())."""
+    from common.provenance import current
+
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     path = score_path(category, method, group, score_dir)
     if len(scores) != len(samples):
@@ -50,11 +53,12 @@ def save_scores(category: str, method: str, group: str, scores, samples: Sequenc
         bad = [samples[i].path for i in np.flatnonzero(~np.isfinite(scores))[:3]]
         raise ScoreFileError(f"{method}/{category}/{group}: non-finite scores (first: {bad}); the model diverged, "
                              "check the learning rate or the checkpoint")
+    run = current()
     atomic_save_npy(path, scores)
     atomic_write_json(path.with_suffix(".json"), {
-        "category": category, "method": method, "group": group,
+        "category": category, "dataset": dataset or (run or {}).get("dataset"), "method": method, "group": group,
         "images": [sample_key(s) for s in samples], "labels": [s.label for s in samples],
-        "defect_types": [s.defect_type for s in samples]})
+        "defect_types": [s.defect_type for s in samples], "run": run})
     return path
 
 
@@ -64,7 +68,8 @@ def save_group_scores(data: CategoryData, method: str, scores_by_group: Mapping[
     unknown = set(scores_by_group) - set(groups)
     if unknown:
         raise ScoreFileError(f"{method}/{data.category}: unknown score groups {sorted(unknown)}; expected {sorted(groups)}")
-    return [save_scores(data.category, method, g, s, groups[g], score_dir) for g, s in scores_by_group.items()]
+    return [save_scores(data.category, method, g, s, groups[g], score_dir, data.dataset)
+            for g, s in scores_by_group.items()]
 
 
 def scores_for_samples(test_scores: np.ndarray, test_samples: Sequence[Sample], data: CategoryData) -> dict[str, np.ndarray]:
@@ -78,25 +83,75 @@ def scores_for_samples(test_scores: np.ndarray, test_samples: Sequence[Sample], 
     return out
 
 
-def load_scores(category: str, method: str, group: str, samples: Sequence[Sample] | None = None,
-                score_dir: str | Path = DEFAULT_SCORE_DIR) -> np.ndarray:
-    """Load a score file; with `samples`, refuse it unless its index lists exactly those images in that order."""
+def read_score_array(path: Path, method: str) -> np.ndarray:
+    """A 1-D float array from a .npy; a truncated, pickled, multi-dimensional or foreign file is one line naming it."""
+    rerun = f"delete it and re-run {method} to write it again"
+    try:
+        scores = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise ScoreFileError(f"{path} holds pickled objects, not plain scores (not loaded); {rerun}") from None
+        raise ScoreFileError(f"{path} is not a readable .npy file (truncated or corrupt: {exc}); {rerun}") from None
+    except Exception as exc:  # EOFError, OSError, UnpicklingError ...: a file that np.load cannot read
+        raise ScoreFileError(f"{path} is not a readable .npy file ({type(exc).__name__}: {exc}); {rerun}") from None
+    if not isinstance(scores, np.ndarray) or scores.ndim != 1:
+        shape = getattr(scores, "shape", None)
+        raise ScoreFileError(f"{path} holds an array of shape {shape}, expected one score per image (1-D); {rerun}")
+    if not np.issubdtype(scores.dtype, np.number) or np.iscomplexobj(scores):
+        raise ScoreFileError(f"{path} holds {scores.dtype} values, expected real numbers; {rerun}")
+    return scores.astype(np.float64, copy=False)
+
+
+def read_index(index_path: Path, method: str) -> dict:
+    """The JSON index beside a score file; malformed JSON or a wrong structure is one line naming the file."""
+    rerun = f"delete it and re-run {method} to write it again"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ScoreFileError(f"{index_path} is not a readable JSON index ({exc}); {rerun}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("images"), list):
+        raise ScoreFileError(f"{index_path} is not a score-file index (no 'images' list); {rerun}")
+    return index
+
+
+def load_score_file(category: str, method: str, group: str, samples: Sequence[Sample] | None = None,
+                    score_dir: str | Path = DEFAULT_SCORE_DIR, dataset: str | None = None) -> tuple[np.ndarray, dict]:
+    """Scores and their index. With `samples`, refuse the file unless its index names this category, method, group
+    (and `dataset`, where both are known) and lists exactly those images in that order: a renamed file from another
+    category or method is refused, not reported under the wrong name. The index's 'run' is the run record
+    (None for files written before records existed)."""
     path = score_path(category, method, group, score_dir)
     if not path.is_file():
         raise FileNotFoundError(f"score file not found: {path} (run the {method} script for {category} first)")
-    scores = np.load(path)
+    scores = read_score_array(path, method)
     index_path = path.with_suffix(".json")
+    index: dict = {}
     if samples is not None:
         if not index_path.is_file():
             raise ScoreFileError(f"{path} has no index {index_path.name}; re-run {method} to write both")
-        index = json.loads(index_path.read_text())
+        index = read_index(index_path, method)
+        for key, want in (("category", category), ("method", method), ("group", group), ("dataset", dataset)):
+            have = index.get(key)
+            if want is not None and have is not None and have != want:
+                raise ScoreFileError(f"{index_path} was written for {key} '{have}', not '{want}' (a renamed or copied "
+                                     f"file?); re-run {method} for {dataset or ''}/{category} to write its own")
         expected = [sample_key(s) for s in samples]
         if len(scores) != len(expected) or index["images"] != expected:
             raise ScoreFileError(f"{path}: {len(scores)} scores whose order does not match the dataset's "
                                  f"{len(expected)} images; re-run {method} on this dataset")
+    elif index_path.is_file():
+        index = read_index(index_path, method)
     if not np.isfinite(scores).all():
         raise ScoreFileError(f"{path} holds NaN or inf scores; re-run {method}")
-    return scores
+    run = index.get("run")
+    index["run"] = run if isinstance(run, dict) else None
+    return scores, index
+
+
+def load_scores(category: str, method: str, group: str, samples: Sequence[Sample] | None = None,
+                score_dir: str | Path = DEFAULT_SCORE_DIR, dataset: str | None = None) -> np.ndarray:
+    """Load a score file; with `samples`, refuse it unless its index matches (see load_score_file)."""
+    return load_score_file(category, method, group, samples, score_dir, dataset)[0]
 
 
 def anomaly_map_path(method: str, category: str, sample: Sample, score_dir: str | Path = DEFAULT_SCORE_DIR) -> Path:
@@ -130,4 +185,12 @@ def load_anomaly_map(method: str, category: str, sample: Sample, score_dir: str 
     path = anomaly_map_path(method, category, sample, score_dir)
     if not path.is_file():
         raise FileNotFoundError(f"anomaly map not found: {path} (re-run {method} with map output)")
-    return tifffile.imread(path).astype(np.float32)
+    try:
+        m = tifffile.imread(path)
+    except Exception as exc:  # truncated or not a TIFF
+        raise ScoreFileError(f"{path} is not a readable TIFF map ({type(exc).__name__}: {exc}); "
+                             f"delete it and re-run {method} with map output") from None
+    if m.ndim != 2 or not np.issubdtype(m.dtype, np.number):
+        raise ScoreFileError(f"{path} holds a {m.dtype} array of shape {m.shape}, expected one 2-D float map; "
+                             f"re-run {method} with map output")
+    return m.astype(np.float32)

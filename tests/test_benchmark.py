@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 import benchmark_performance
 from dataset_readers import read_category
+from evaluation.benchmark import read_csv
 from evaluation.fusion import trimmed_z_normalize
 from evaluation.score_files import save_anomaly_maps, save_group_scores, score_path
 from methods import mean_image
@@ -96,9 +97,11 @@ def test_benchmark_fusion_txt_csv_paper(tmp_path, log_lines):
     lg = _write_branch(data, "LGST", scores, rng, 0.5)
     for level in (14, 7):
         _write_branch(data, f"sinbad_L{level}", scores, rng, 0.8)
-    _bench(root, scores, tmp_path / "out", "--categories", "breakfast_box", "pushpins", "--pairs", "CSAD+sinbad_L7")
+    with pytest.raises(SystemExit) as exit_info:  # pushpins was asked for but is not there
+        _bench(root, scores, tmp_path / "out", "--categories", "breakfast_box", "pushpins", "--pairs", "CSAD+sinbad_L7")
+    assert exit_info.value.code == 1
 
-    txt = (tmp_path / "out" / "score_combine_result.txt").read_text().splitlines()
+    txt = [l for l in (tmp_path / "out" / "score_combine_result.txt").read_text().splitlines() if not l.startswith("#")]
     assert txt[0] == "BREAKFAST_BOX:"
     assert txt[1:4] == [l for l in txt[1:4] if re.fullmatch(r"\('[\w]+',( '[\w]+')?\)? AUC: \d+\.\d{3} \d+\.\d{3}", l)]
     lines = {l.split(" AUC: ")[0]: l.split(" AUC: ")[1] for l in txt[1:]}
@@ -112,15 +115,19 @@ def test_benchmark_fusion_txt_csv_paper(tmp_path, log_lines):
         fused = trimmed_z_normalize(ph[group], ph["val"]) + trimmed_z_normalize(lg[group], lg["val"])
         assert float(lines["('patchhist', 'LGST')"].split()[k]) == pytest.approx(100 * roc_auc_score(labels, fused), abs=1e-3)
         assert float(lines["('LGST',)"].split()[k]) == pytest.approx(100 * roc_auc_score(labels, lg[group]), abs=1e-3)
-    # CSV: the paper column carries CSAD's 95.3 on the Mean row of patchhist+LGST.
-    csv = (tmp_path / "out" / "benchmark_mvtec_loco.csv").read_text().splitlines()
-    header = csv[0].split(",")
-    mean_row = next(r.split(",") for r in csv if r.startswith("Mean,patchhist+LGST,"))
-    assert mean_row[header.index("paper")] == "95.300"
-    assert "| breakfast_box | patchhist+LGST |" in (tmp_path / "out" / "benchmark_mvtec_loco.md").read_text()
+    # CSV: no paper value (CSAD's 95.3 is a mean over all five categories), and the table says why.
+    csv = read_csv(tmp_path / "out" / "benchmark_mvtec_loco.csv")
+    header = csv[0]
+    mean_row = next(r for r in csv if r[:2] == ["Mean", "patchhist+LGST"])
+    assert mean_row[header.index("paper")] == ""
+    md = (tmp_path / "out" / "benchmark_mvtec_loco.md").read_text()
+    assert "| breakfast_box | patchhist+LGST |" in md
+    assert "the Mean is over breakfast_box, the paper's over all 5 categories" in md
     # Missing methods and the missing category: one line each, no traceback.
     assert any(m.startswith("skip glass/breakfast_box: no score file") for m in log_lines)
-    assert sum("skip category pushpins" in m for m in log_lines) == 1
+    assert sum(m.startswith("SKIPPED category pushpins") for m in log_lines) == 1
+    assert "summary: 1 refused or skipped, 0 warnings" in log_lines  # and once more in the closing summary
+    assert "  SKIPPED category pushpins" in "\n".join(log_lines)
 
 
 def test_benchmark_refuses_misordered_score_file(tmp_path, log_lines):
@@ -134,10 +141,12 @@ def test_benchmark_refuses_misordered_score_file(tmp_path, log_lines):
     meta = json.loads(index.read_text())
     meta["images"][0], meta["images"][-1] = meta["images"][-1], meta["images"][0]  # as an unsorted os.listdir would
     index.write_text(json.dumps(meta))
-    _bench(root, scores, tmp_path / "out", "--methods", "patchhist", "LGST")
-    txt = (tmp_path / "out" / "score_combine_result.txt").read_text()
-    assert "('patchhist',) AUC:" in txt
-    assert "LGST" not in txt  # neither alone nor fused
+    with pytest.raises(SystemExit) as exit_info:
+        _bench(root, scores, tmp_path / "out", "--methods", "patchhist", "LGST")
+    assert exit_info.value.code == 1
+    txt = [l for l in (tmp_path / "out" / "score_combine_result.txt").read_text().splitlines() if not l.startswith("#")]
+    assert "('patchhist',) AUC:" in "\n".join(txt)
+    assert "LGST" not in "\n".join(txt)  # neither alone nor fused
     assert any(m.startswith("REFUSED LGST/breakfast_box") and "order does not match" in m for m in log_lines)
 
 
@@ -154,14 +163,14 @@ def test_benchmark_spro_from_maps_and_official_mode(tmp_path):
     groups = {g: np.array([s.label for s in samp], float) * 0 for g, samp in data.score_groups().items()}
     save_group_scores(data, "glass", groups, scores)  # all tied: AUROC 0.5 from the image scores
     _bench(root, scores, tmp_path / "out", "--methods", "glass")
-    row = dict(zip(*[l.split(",") for l in (tmp_path / "out" / "benchmark_mvtec_loco.csv").read_text().splitlines()[:2]]))
+    row = dict(zip(*read_csv(tmp_path / "out" / "benchmark_mvtec_loco.csv")[:2]))
     assert row["auroc_logi"] == "50.000"
     for lim in ("0.01", "0.05", "0.3", "1"):
         assert row[f"spro{lim}_logi"] == row[f"spro{lim}_struc"] == "100.000"
     js = json.loads((tmp_path / "out" / "benchmark_mvtec_loco.json").read_text())
     assert js["glass"]["breakfast_box"]["localization"]["auc_spro"]["mean"]["0.05"] == pytest.approx(1.0)
     _bench(root, scores, tmp_path / "out2", "--methods", "glass", "--official-image-score")
-    row = dict(zip(*[l.split(",") for l in (tmp_path / "out2" / "benchmark_mvtec_loco.csv").read_text().splitlines()[:2]]))
+    row = dict(zip(*read_csv(tmp_path / "out2" / "benchmark_mvtec_loco.csv")[:2]))
     # Map max separates the classes (good 0, anomalous 1), but every class is one tie group: the official ROC puts
     # its vertices after the first element of each group, (0, 0) (0, 2/3) (4/5, 1) (1, 1), area 13/15, not 1.
     assert row["auroc_logi"] == "86.667"
@@ -193,9 +202,9 @@ def test_mean_image_on_synthetic_dataset(synthetic_root, tmp_path):
                      "--fast"])
     benchmark_performance.main(["--dataset", "synthetic_loco", "--data-root", str(synthetic_root), "--score-dir",
                                 str(scores), "--out-dir", str(out), "--no-figures", "--methods", "mean_image"])
-    txt = (out / "score_combine_result.txt").read_text().splitlines()
+    txt = [l for l in (out / "score_combine_result.txt").read_text().splitlines() if not l.startswith("#")]
     assert txt[0] == "SYNTH_BOX:" and txt[2] == "SYNTH_BOTTLE:"
-    rows = [l.split(",") for l in (out / "benchmark_synthetic_loco.csv").read_text().splitlines()]
+    rows = read_csv(out / "benchmark_synthetic_loco.csv")
     header, mean = rows[0], next(r for r in rows if r[0] == "Mean")
     assert 0 <= float(mean[header.index("spro0.05_mean")]) <= 100
 
@@ -219,7 +228,7 @@ def test_benchmark_mvtec_ad_layout_pixel_metrics(tmp_path):
     benchmark_performance.main(["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--score-dir",
                                 str(tmp_path / "scores"), "--out-dir", str(tmp_path / "out"), "--no-figures",
                                 "--methods", "patchcore"])
-    rows = [l.split(",") for l in (tmp_path / "out" / "benchmark_folder.csv").read_text().splitlines()]
+    rows = read_csv(tmp_path / "out" / "benchmark_folder.csv")
     row = dict(zip(rows[0], rows[1]))
     assert float(row["pixel_auroc"]) == pytest.approx(100 * roc_auc_score(gts.ravel(), maps.ravel()), abs=1e-3)
     assert 50 < float(row["aupro"]) <= 100 and float(row["image_auroc"]) == pytest.approx(100.0)
