@@ -1,4 +1,4 @@
-"""Score fusion: trimmed z-normalisation with validation statistics, then summing branches (CSAD spec §5)."""
+"""Score fusion: trimmed z-normalisation with validation statistics, then summing branches (as `Tokichan/CSAD benchmark_performance.py`)."""
 from __future__ import annotations
 
 import itertools

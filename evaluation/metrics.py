@@ -82,7 +82,7 @@ def pixel_auroc(maps, masks) -> float:
 
 
 def official_loco_image_auroc(scores, labels) -> float:
-    """AUROC with the tie rule of the official MVTec LOCO script (metrics.md §1.8); equals image_auroc without ties.
+    """AUROC with the tie rule of the official MVTec LOCO script (`src/metrics.py` of the MVTec LOCO evaluation code); equals image_auroc without ties.
 
     The official ROC walks the (score, label) pairs upwards, normal samples first inside a tie, and adds a vertex
     after the FIRST element of each tie group, which overstates the AUROC when anomalous and normal scores tie.

@@ -1,4 +1,4 @@
-"""CSAD's deployable inference path (the official export, csad.md §5): the backbone runs once per image and
+"""CSAD's deployable inference path (the official export, `Tokichan/CSAD export_model.py` / `models/onnx_model.py`): the backbone runs once per image and
 its layer1/layer2/layer3 maps feed both the component segmentor (layer1 + layer3) and the LGST teacher
 (layer2 + layer3). With a fitted Patch Histogram and the saved validation scores it also returns the fused
 score (trimmed z of each branch, summed), the same number benchmark_performance.py computes.

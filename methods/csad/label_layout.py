@@ -1,6 +1,6 @@
 """The on-disk contract between CSAD stage 1 (pseudo_label.py) and stage 2 (train_segmentor.py).
 
-Layout (csad.md §1.3), one folder per training image, named by the image stem ("000", "001", ...):
+Layout (as the official `Tokichan/CSAD pseudo_label.py` writes `datasets/masks/<category>/`), one folder per training image, named by the image stem ("000", "001", ...):
 
     <masks_root>/<category>/<stem>/filtered_cluster_map.png   class ids 0 (background) .. K, uint8, full resolution
     <masks_root>/<category>/<stem>/refined_masks.png          instance ids 0 .. n (components used for clustering)

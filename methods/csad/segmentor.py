@@ -1,4 +1,4 @@
-"""CSAD stage 2 (csad.md §3): data, LSA copy-paste, losses and the training loop of the component segmentor, and
+"""CSAD stage 2 (`Tokichan/CSAD train_segmentor.py`, `models/segmentation/`): data, LSA copy-paste, losses and the training loop of the component segmentor, and
 the Patch-Histogram scoring that follows it."""
 from __future__ import annotations
 

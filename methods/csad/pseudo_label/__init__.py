@@ -1,4 +1,4 @@
-"""CSAD stage 1: unsupervised semantic pseudo-labels (csad.md §2).
+"""CSAD stage 1: unsupervised semantic pseudo-labels (`Tokichan/CSAD pseudo_label.py`).
 
 config      per-category settings (configs/csad_pseudo_label.json)
 masks       mask post-processing: connected components, grounding filter, background removal, de-overlap, merge

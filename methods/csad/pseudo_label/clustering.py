@@ -1,4 +1,4 @@
-"""Component clustering and image selection (csad.md §2.5). Pure numpy / scikit-learn on descriptors and areas."""
+"""Component clustering and image selection (`Tokichan/CSAD pseudo_label.py`, `ClassHistogram`). Pure numpy / scikit-learn on descriptors and areas."""
 from __future__ import annotations
 
 import warnings
@@ -109,7 +109,7 @@ def cluster_components(feats: np.ndarray, image_index: np.ndarray, areas: np.nda
                        seed: int = 0, small_fraction: float = 0.5, hdbscan_fraction: float = 0.1,
                        select_fraction: float = 0.5, min_class_area: float = 0.001, n_jobs: int | None = None,
                        log=None) -> dict:
-    """The whole §2.5 chain. Returns component class ids (0 = unassigned, 1..K), the raw surviving labels
+    """The whole clustering chain of `ClassHistogram`. Returns component class ids (0 = unassigned, 1..K), the raw surviving labels
     (-1 = dropped), the raw (N, C) and filtered (N, K) histograms, the good indices and the HDBSCAN modes."""
     x = random_projection(feats, proj_dim, seed) if reduce_dim else feats.astype(np.float64)
     raw = meanshift_labels(x, bandwidth, n_jobs)

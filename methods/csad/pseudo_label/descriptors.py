@@ -1,4 +1,4 @@
-"""Component descriptors "cnn_image" (csad.md §2.4): each instance is cut out, aligned to a 65x65 crop, rotated
+"""Component descriptors "cnn_image" (`Tokichan/CSAD models/component_feature_extractor.py`): each instance is cut out, aligned to a 65x65 crop, rotated
 to R angles, and the backbone's layer4 global-average features are averaged over the rotations."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Mask post-processing of csad.md §2.2-2.3, on (n, H, W) bool stacks. Loops run over masks (at most a few hundred),
+"""Mask post-processing of CSAD stage 1 (`Tokichan/CSAD pseudo_label.py`, `grounding_segmentation` and
+`segmentation`), on (n, H, W) bool stacks. Loops run over masks (at most a few hundred),
 never over pixels."""
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def ratios_to(masks: np.ndarray, ref: np.ndarray, mode: str = "min") -> np.ndarr
 def split_components(masks: np.ndarray, connectivity: int = 4, max_bbox_fraction: float = 0.95,
                      min_area: int = 50, max_count: int = MAX_INSTANCES) -> np.ndarray:
     """Every mask -> its connected components; keep those with bbox area < max_bbox_fraction of the image and
-    pixel area > min_area; sort by area descending; keep at most max_count (§2.3 step 1)."""
+    pixel area > min_area; sort by area descending; keep at most max_count (`segmentation`, first filter)."""
     h, w = masks.shape[1:]
     comps, areas = [], []
     for m in masks:
@@ -54,19 +55,19 @@ def split_components(masks: np.ndarray, connectivity: int = 4, max_bbox_fraction
 
 
 def grounding_filter(comps: np.ndarray, grounding_union: np.ndarray, threshold: float = 0.9) -> np.ndarray:
-    """Keep a component if intersect_ratio(grounding union, component) > threshold (§2.3 step 2)."""
+    """Keep a component if intersect_ratio(grounding union, component) > threshold (`segmentation`, use_grounding_filter)."""
     return comps[ratios_to(comps, grounding_union) > threshold]
 
 
 def remove_background(comps: np.ndarray, background: np.ndarray, threshold: float = 0.95) -> np.ndarray:
-    """Drop components with intersect_ratio(component, background) >= threshold (§2.3 step 3)."""
+    """Drop components with intersect_ratio(component, background) >= threshold (`segmentation`, SAM background)."""
     if not background.any():
         return comps
     return comps[ratios_to(comps, background) < threshold]
 
 
 def filter_by_combine(masks: np.ndarray, min_fraction: float = 0.001, threshold: float = 0.9) -> np.ndarray:
-    """De-overlap (§2.3 step 4): drop masks <= min_fraction of the image; visit the rest by ascending area and
+    """De-overlap (`segmentation`, filter_by_combine): drop masks <= min_fraction of the image; visit the rest by ascending area and
     accept a mask when intersect_ratio(union of accepted, mask) < threshold (the first is always accepted);
     then a second pass accepts deferred masks whose |mask ∩ union| / |mask| < threshold."""
     if len(masks) == 0:
@@ -91,7 +92,7 @@ def filter_by_combine(masks: np.ndarray, min_fraction: float = 0.001, threshold:
 
 
 def merge_masks(masks: np.ndarray, min_fraction: float = 0.001) -> np.ndarray:
-    """Instance-id map (§2.2 merge_masks): drop masks <= min_fraction, paint by descending area with ids 1..n, so
+    """Instance-id map (`grounding_segmentation`'s merge_masks): drop masks <= min_fraction, paint by descending area with ids 1..n, so
     smaller masks overwrite larger ones. At most 255 instances (the largest are kept)."""
     if len(masks) == 0:
         return np.zeros((0, 0), np.uint8) if masks.ndim < 3 else np.zeros(masks.shape[1:], np.uint8)
@@ -113,13 +114,13 @@ def id_map_to_stack(id_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def instances_from_id_map(id_map: np.ndarray, connectivity: int = 4) -> np.ndarray:
-    """Split an instance map into instances, then into connected components (no_sam path, §2.3 step 6)."""
+    """Split an instance map into instances, then into connected components (no_sam path of `segmentation`)."""
     stack, _ = id_map_to_stack(id_map)
     return split_components(stack, connectivity=connectivity, max_bbox_fraction=1.01, min_area=0)
 
 
 def sam_background_points(h: int, w: int, inset: int = 10) -> np.ndarray:
-    """The 8 positive point prompts of §2.3 step 3: the corners inset by `inset` px, then the exact corners (x, y)."""
+    """The 8 positive point prompts of `segmentation`'s SAM background: the corners inset by `inset` px, then the exact corners (x, y)."""
     x0, y0, x1, y1 = 0, 0, w - 1, h - 1
     return np.array([[x0 + inset, y0 + inset], [x1 - inset, y0 + inset], [x0 + inset, y1 - inset],
                      [x1 - inset, y1 - inset], [x0, y0], [x1, y0], [x0, y1], [x1, y1]], dtype=np.float32)

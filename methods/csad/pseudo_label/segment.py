@@ -1,4 +1,4 @@
-"""Model-driven part of stage 1 for one image (csad.md §2.2-2.3): Grounded-SAM, SAM background, SAM automatic
+"""Model-driven part of stage 1 for one image (`Tokichan/CSAD pseudo_label.py`, `grounding_segmentation` and `segmentation`): Grounded-SAM, SAM background, SAM automatic
 masks, followed by the post-processing in .masks. Models are built once by the caller and passed in."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _amg_class():
 
 
 class Segmenter:
-    """Holds the models; `segment(image, cfg)` runs §2.2-2.3 on one RGB uint8 image."""
+    """Holds the models; `segment(image, cfg)` runs both steps on one RGB uint8 image."""
 
     def __init__(self, grounder, sam, amg_params: dict, official_background_match: bool = False,
                  amg_for_no_sam: bool = False):
