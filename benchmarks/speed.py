@@ -38,7 +38,7 @@ class Anchor:
     throughput: float | None = None
 
 
-# Published figures (../shared/specs/metrics.md §4). None of them was measured on this project's hardware.
+# Published figures (each entry cites its paper, README or issue). None of them was measured on this project's hardware.
 ANCHORS: dict[str, Anchor] = {
     "csad": Anchor("8.9 ms/img, 321.8 img/s (GPU, CSAD paper)", 8.9, 321.8),
     "lgst": Anchor("EfficientAD-S ~2 ms/img, ~600 img/s (RTX A6000, EfficientAD paper)", 2.0, 600.0),

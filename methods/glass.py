@@ -1,5 +1,5 @@
 """GLASS (ECCV 2024): adaptor + discriminator on frozen patch features, trained with Global (gradient-ascent)
-and Local (Perlin/DTD) anomaly synthesis. See docs/glass.md; section numbers refer to the GLASS spec."""
+and Local (Perlin/DTD) anomaly synthesis. See docs/glass.md; file names refer to the official `cqylunlun/GLASS`."""
 from __future__ import annotations
 
 import math
@@ -163,7 +163,7 @@ def focal_ohem(scores: torch.Tensor, target: torch.Tensor, p: float = 0.5, gamma
 
 def glass_loss(disc: nn.Module, x: torch.Tensor, f: torch.Tensor, m: torch.Tensor, c: torch.Tensor, svd: int,
                cfg: GlassConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One training objective (spec §2.6-2.8). x: normal features, f: LAS features, m: LAS patch labels, c: centres,
+    """One training objective (official `glass.py` `_train_discriminator`). x: normal features, f: LAS features, m: LAS patch labels, c: centres,
     all (N, D) / (N,) on one device. Returns the total loss and detached logging tensors (no host syncs)."""
     n = x.shape[0]
     mb = m.bool()
@@ -194,7 +194,7 @@ def glass_loss(disc: nn.Module, x: torch.Tensor, f: torch.Tensor, m: torch.Tenso
     return bce + focal, stats
 
 
-# ---------------------------------------------------------------- spectrogram judge (spec §2.10)
+# ---------------------------------------------------------------- spectrogram judge (`utils.py` distribution_judge)
 def lattice_count(radius: float, official_grid: bool = False) -> int:
     """Lattice points (x, y) with sqrt(x^2 + y^2) <= radius around the centre, compared as the official
     `utils.distribution_judge` does: the radius is itself the sqrt of an integer, so boundary points count (comparing

@@ -36,7 +36,7 @@ UNIT_VERSION = 1
 
 @dataclass
 class SinbadConfig:
-    """Defaults = the paper grid of the official launchers (spec §9)."""
+    """Defaults = the paper grid of the official launchers (`NivC/SINBAD`)."""
     canvas: int = 1024
     crop_num_edge: int = 4  # stride = canvas // 4
     set_res: int = 224  # every crop is resized to this before the backbone
@@ -82,14 +82,14 @@ def crop_counts(level: int, crops: Sequence[int] | None = None) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- preprocessing
 def aspect_size(width: int, height: int, canvas: int) -> tuple[int, int]:
-    """(H, W) with the long side = canvas, the short side truncated (spec §2 sizes)."""
+    """(H, W) with the long side = canvas, the short side truncated (`load_mvtec_loco.py` sizes)."""
     long = max(width, height)  # integer arithmetic: the long side is exactly `canvas`
     return max(1, height * canvas // long), max(1, width * canvas // long)
 
 
 class CanvasTransform:
     """PIL image -> (3, canvas, canvas) in [0,1]: squash to canvas² (bilinear, PIL), nearest re-interpolation to
-    the aspect-correct size, top-left on zeros (spec §2). The aspect comes from the image itself, which for MVTec
+    the aspect-correct size, top-left on zeros (`data_to_matrices.py`). The aspect comes from the image itself, which for MVTec
     LOCO equals the official hard-coded per-class size."""
 
     def __init__(self, canvas: int):
@@ -107,7 +107,7 @@ class CanvasTransform:
 
 
 def crop_grid(canvas: int, ratio: float, edge: int = 4) -> tuple[int, list[tuple[int, int]]]:
-    """Crop side and the top-left corners, row-major, of a stride canvas//edge unfold (spec §3)."""
+    """Crop side and the top-left corners, row-major, of a stride canvas//edge unfold (`sinbad_single_layer.py`)."""
     side = int(canvas * ratio)
     stride = canvas // edge
     n = (canvas - side) // stride + 1
@@ -150,7 +150,7 @@ def percentiles(z: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
 
 
 def fit_thresholds(z: torch.Tensor, n_q: int, pct: tuple[float, float]) -> torch.Tensor:
-    """(M, P) projected values -> (P, Q) thresholds equally spaced strictly inside [p1, p99] (spec §5.3)."""
+    """(M, P) projected values -> (P, Q) thresholds equally spaced strictly inside [p1, p99] (`sinbad_single_layer.py`)."""
     lo, hi = percentiles(z, pct)
     steps = torch.arange(1, n_q + 1, dtype=z.dtype, device=z.device) / (n_q + 1)
     return lo[:, None] + (hi - lo)[:, None] * steps[None]
@@ -371,7 +371,7 @@ def grid_mean_weights(n_crops: int, edge: int = 4) -> np.ndarray:
 
 
 def normalize_by_val(test: np.ndarray, val: np.ndarray, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
-    """Divide by (mean validation score + eps), then add eps, along the last axis (spec §8.2)."""
+    """Divide by (mean validation score + eps), then add eps, along the last axis (`calc_anom_ensm.py`)."""
     m = np.asarray(val, np.float64).mean(-1, keepdims=True) + eps
     return np.asarray(test, np.float64) / m + eps, np.asarray(val, np.float64) / m + eps
 

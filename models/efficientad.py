@@ -1,4 +1,4 @@
-"""EfficientAD-style networks used by CSAD's LGST branch (csad.md §4.2).
+"""EfficientAD-style networks used by CSAD's LGST branch (`Tokichan/CSAD models/model.py`).
 
 LocalStudent: a PDN-medium-like CNN with two 1x1 heads ("st" predicts the teacher, "ae" predicts the
 autoencoder). AutoEncoder: EfficientAD's autoencoder (base 64) with CSAD's 512 x 64 x 64 output.

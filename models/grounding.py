@@ -182,7 +182,7 @@ def preprocess_caption(caption: str) -> str:
 
 
 class GroundingPredictor:
-    """Boxes and phrases for one caption (csad.md §2.2): keep a query if its max token probability exceeds
+    """Boxes and phrases for one caption (`Tokichan/CSAD grounded_sam.py`, `get_grounding_output`): keep a query if its max token probability exceeds
     box_threshold; its phrase = tokens above text_threshold, with the score appended as '(0.35)'."""
 
     def __init__(self, model: nn.Module, short_side: int = 800, max_size: int = 1333):

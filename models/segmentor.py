@@ -1,4 +1,4 @@
-"""CSAD component segmentor: a DeepLabV3+ head on frozen encoder features (csad.md §3.2).
+"""CSAD component segmentor: a DeepLabV3+ head on frozen encoder features (`Tokichan/CSAD models/segmentation/model.py`, `Segmentor`).
 
 The encoder is not part of this module: `forward` takes the FeatureExtractor outputs {"layer1", "layer3"}, so one
 encoder pass can feed both the segmentor and the LGST teacher.

@@ -191,7 +191,7 @@ def test_local_patch_features_match_reference(shapes, pretrain_dim, target_dim):
 
 
 def test_local_patch_features_closed_form():
-    """Spec sapatchcore.md §4.2 with C2 = C3 = pretrain = target (scaled down from 512/1024/1024/1024):
+    """patchcore-inspection's locally aware patch features (`patchcore/common.py`) with C2 = C3 = pretrain = target (scaled down from 512/1024/1024/1024):
     first half = layer2 3x3 mean with the centre counted twice (2/10, others 1/10), second half = layer3 3x3 mean
     (zero padding counted), bilinearly upsampled, averaged over channel pairs (2c, 2c+1)."""
     g = torch.Generator().manual_seed(1)

@@ -110,7 +110,7 @@ def test_color_augment_matches_torchvision():
 # ------------------------------------------------------------------------------------------ networks
 
 def test_official_network_sizes():
-    # csad.md §4.2: local student ~9.45 M parameters, autoencoder ~1.17 M, 512 output channels
+    # `Tokichan/CSAD models/model.py`: local student ~9.45 M parameters, autoencoder ~1.17 M, 512 output channels
     assert count_parameters(LocalStudent()) == pytest.approx(9.45e6, rel=0.01)
     assert count_parameters(AutoEncoder()) == pytest.approx(1.17e6, rel=0.01)
     ae = AutoEncoder(8, 8, in_size=256, out_size=64)

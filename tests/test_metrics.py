@@ -97,7 +97,7 @@ def test_image_auroc_equals_sklearn_with_ties():
 
 
 def test_official_tie_rule_is_optimistic_and_equal_without_ties():
-    # metrics.md §1.8 minimal example: OK = {0, 1}, NOK = {1, 1}: official 1.0, correct 0.75.
+    # the MVTec LOCO script's ROC (`src/metrics.py`) on ties: OK = {0, 1}, NOK = {1, 1}: official 1.0, correct 0.75.
     scores, labels = [0, 1, 1, 1], [0, 0, 1, 1]
     assert M.official_loco_image_auroc(scores, labels) == pytest.approx(1.0)
     assert M.image_auroc(scores, labels) == pytest.approx(0.75)

@@ -231,7 +231,7 @@ def test_config_defaults_and_official_flags():
 def test_segmentor_head_size_and_checkpoint_roundtrip(tmp_path):
     m = Segmentor(5, (256, 1024))
     n = sum(p.numel() for p in m.parameters())
-    assert n == 9_236_576 + 257 * 5  # the spec's 9.24 M head parameters + 257 per class
+    assert n == 9_236_576 + 257 * 5  # the official head's 9.24 M parameters + 257 per class
     small = Segmentor(3, (24, 112))
     feats = {"layer1": torch.randn(2, 24, 16, 16), "layer3": torch.randn(2, 112, 4, 4)}
     small.train()

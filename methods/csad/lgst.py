@@ -1,4 +1,4 @@
-"""CSAD stage 3: the Local-Global Student-Teacher (LGST), csad.md §4.
+"""CSAD stage 3: the Local-Global Student-Teacher (LGST), `Tokichan/CSAD CSAD.py` and `models/model.py`.
 
 Teacher: frozen backbone layer2 + layer3 -> bilinear resize to the map size -> 3x3 average pool -> a random,
 frozen, seeded 1x1 conv to 512 channels -> channel normalisation with training-set statistics.

@@ -1,4 +1,4 @@
-"""CSAD Patch Histogram (csad.md §3.5): class-fraction vectors of a segmentation map, Mahalanobis distance to the
+"""CSAD Patch Histogram (`Tokichan/CSAD models/segmentation/patch_histogram.py`): class-fraction vectors of a segmentation map, Mahalanobis distance to the
 training vectors, trimmed z-normalisation with validation scores, global + patch detectors summed."""
 from __future__ import annotations
 
