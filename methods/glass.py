@@ -28,8 +28,8 @@ from models.glass_nets import Adaptor, Discriminator
 METHOD = "glass"
 log = get_logger("glass")
 
-# Shipped per-class decisions (spec §2.10): classes listed here use the hypersphere variant (svd=1); every other
-# class of these datasets uses the manifold variant. Datasets absent from this table are judged at run time.
+# Shipped per-class decisions (official datasets/excel/*_distribution.xlsx): classes listed here use the
+# hypersphere variant (svd=1); every other class of these datasets uses the manifold variant. Datasets absent from this table are judged at run time.
 HYPERSPHERE = {
     "mvtec_ad": {"bottle", "cable", "pill", "screw", "transistor"},
     "visa": {"cashew", "fryum", "pcb1", "pcb2", "pcb4", "pipe_fryum"},
@@ -163,7 +163,8 @@ def focal_ohem(scores: torch.Tensor, target: torch.Tensor, p: float = 0.5, gamma
 
 def glass_loss(disc: nn.Module, x: torch.Tensor, f: torch.Tensor, m: torch.Tensor, c: torch.Tensor, svd: int,
                cfg: GlassConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One training objective (official `glass.py` `_train_discriminator`). x: normal features, f: LAS features, m: LAS patch labels, c: centres,
+    """One training objective (official `glass.py` `_train_discriminator`). x: normal features, f: LAS features,
+    m: LAS patch labels, c: centres,
     all (N, D) / (N,) on one device. Returns the total loss and detached logging tensors (no host syncs)."""
     n = x.shape[0]
     mb = m.bool()
