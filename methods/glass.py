@@ -29,7 +29,8 @@ METHOD = "glass"
 log = get_logger("glass")
 
 # Shipped per-class decisions (official datasets/excel/*_distribution.xlsx): classes listed here use the
-# hypersphere variant (svd=1); every other class of these datasets uses the manifold variant. Datasets absent from this table are judged at run time.
+# hypersphere variant (svd=1); every other class of these datasets uses the manifold variant. Datasets absent
+# from this table are judged at run time.
 HYPERSPHERE = {
     "mvtec_ad": {"bottle", "cable", "pill", "screw", "transistor"},
     "visa": {"cashew", "fryum", "pcb1", "pcb2", "pcb4", "pipe_fryum"},
