@@ -46,16 +46,16 @@ def pick_examples(samples: Sequence[Sample], n: int = 8) -> list[Sample]:
     return picked[:n]
 
 
+def _figure(rows: int, cols: int, figsize: tuple[float, float]):
+    """A constrained-layout figure: colour bars, titles and the caption get their space without overlaps."""
+    plt = _plt()
+    return plt.subplots(rows, cols, figsize=figsize, squeeze=False, layout="constrained")
+
+
 def _save(fig, out_path: Path, title: str, caption: str, dpi: int = 90) -> Path:
     """Caption under the panels, title + caption in the PNG metadata, atomic write."""
-    lines = caption.count("\n") + 1 if caption else 0
-    height = fig.get_size_inches()[1]
-    bottom = min(0.45, (0.16 * lines + 0.1) / height) if lines else 0.0
-    top = 1 - min(0.2, 0.45 / height)
-    fig.tight_layout(rect=(0, bottom, 1, top))
     if caption:
-        fig.text(0.01, 0.005, caption, fontsize=6.5, va="bottom", ha="left", family="monospace",
-                 color="#333333", wrap=True)
+        fig.supxlabel(caption, x=0.005, ha="left", fontsize=6.5, family="monospace", color="#333333")
     with atomic_path(out_path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, format="png",
                     metadata={"Title": title, "Description": caption, "Software": "benchmark_performance.py"})
@@ -90,7 +90,7 @@ def _panel_title(ax, s: Sample, score: float | None, prefix: str = "") -> None:
 def _heat(ax, m: np.ndarray, norm, cmap) -> None:
     """The map over the image, its opacity rising with the score: low scores leave the object visible."""
     rgba = cmap(norm(m))
-    rgba[..., 3] = 0.15 + 0.6 * np.clip(norm(m), 0, 1)
+    rgba[..., 3] = 0.75 * np.clip(norm(m), 0, 1) ** 0.8
     ax.imshow(rgba, interpolation="bilinear")
 
 
@@ -119,8 +119,7 @@ def roc_figure(data: CategoryData, curves: Mapping[str, Mapping[str, tuple[np.nd
                 by_group.setdefault(g, []).append((name, fpr, tpr, image_auroc(s, labels)))
     if not by_group:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(by_group), figsize=(4.6 * len(by_group), 4.8), squeeze=False)
+    fig, axes = _figure(1, len(by_group), (4.6 * len(by_group), 4.8))
     for ax, (g, items) in zip(axes[0], by_group.items()):
         for name, fpr, tpr, auc in sorted(items, key=lambda t: -t[3]):
             fused = "+" in name
@@ -151,7 +150,7 @@ def overlay_figure(data: CategoryData, method: str, score_dir: Path, out_path: P
     cmap = plt.get_cmap(MAP_CMAP)
     cols = min(4, len(examples))
     rows = int(np.ceil(len(examples) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols + 0.8, 3.2 * rows + 0.6), squeeze=False)
+    fig, axes = _figure(rows, cols, (3.0 * cols + 1.0, 3.1 * rows + 1.2))
     for ax in axes.ravel()[len(examples):]:
         ax.remove()  # no empty panels
     for ax, s, m in zip(axes.ravel(), examples, maps):
@@ -163,23 +162,8 @@ def overlay_figure(data: CategoryData, method: str, score_dir: Path, out_path: P
     title = f"{method} — {data.category}{title_suffix}"
     fig.suptitle(title + "  (cyan: ground truth)", fontsize=10)
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=[a for a in axes.ravel()[:len(examples)]],
-                 shrink=0.8, label=f"{method} anomaly map")
-    return _save_with_colorbar(fig, out_path, title, caption)
-
-
-def _save_with_colorbar(fig, out_path: Path, title: str, caption: str) -> Path:
-    """tight_layout cannot place a colour bar spanning several axes: leave room by hand instead."""
-    lines = caption.count("\n") + 1 if caption else 0
-    height = fig.get_size_inches()[1]
-    bottom = min(0.45, (0.16 * lines + 0.15) / height) if lines else 0.05
-    fig.subplots_adjust(left=0.02, right=0.86, bottom=bottom, top=1 - min(0.2, 0.55 / height), wspace=0.05, hspace=0.3)
-    if caption:
-        fig.text(0.01, 0.005, caption, fontsize=6.5, va="bottom", ha="left", family="monospace", color="#333333")
-    with atomic_path(out_path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png",
-                    metadata={"Title": title, "Description": caption, "Software": "benchmark_performance.py"})
-    _plt().close(fig)
-    return out_path
+                 shrink=0.8, label=f"{method} anomaly map (shared scale)")
+    return _save(fig, out_path, title, caption)
 
 
 def comparison_figure(data: CategoryData, methods: Sequence[str], score_dir: Path, out_path: Path, n: int = 4,
@@ -199,7 +183,7 @@ def comparison_figure(data: CategoryData, methods: Sequence[str], score_dir: Pat
     maps = {m: [load_anomaly_map(m, data.category, s, score_dir) for s in examples] for m in with_maps}
     scores = {m: _test_scores(data, m, score_dir) for m in with_maps}
     cols = 1 + len(with_maps)
-    fig, axes = plt.subplots(len(examples), cols, figsize=(2.4 * cols, 2.5 * len(examples) + 0.8), squeeze=False)
+    fig, axes = _figure(len(examples), cols, (max(2.6 * cols, 6.5), 2.7 * len(examples) + 1.2))
     for j, m in enumerate(with_maps, start=1):
         lo, hi = np.percentile(np.concatenate([x.ravel() for x in maps[m]]), [1, 99.5])
         norm = colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
@@ -218,7 +202,7 @@ def comparison_figure(data: CategoryData, methods: Sequence[str], score_dir: Pat
         ax.set_title(f"{s.stem}: {_label_text(s)}", fontsize=7, color="#b00020" if s.label else "#1b5e20")
         ax.axis("off")
     title = f"All methods — {data.category}{title_suffix}"
-    fig.suptitle(title + "  (cyan: ground truth; each column its own colour scale)", fontsize=9)
+    fig.suptitle(title + "\ncyan: ground truth; each method's column has its own colour scale", fontsize=9)
     return _save(fig, out_path, title, caption)
 
 
@@ -238,7 +222,7 @@ def segmentation_figure(data: CategoryData, seg_dir: Path, out_path: Path, n: in
     if not pairs:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(len(pairs), 3, figsize=(7.5, 2.5 * len(pairs) + 1.0), squeeze=False)
+    fig, axes = _figure(len(pairs), 3, (7.5, 2.5 * len(pairs) + 1.4))
     seen: set[int] = set()
     for (s, seg), (a, b, c) in zip(pairs, axes):
         img = np.asarray(load_image(s.path))
@@ -259,9 +243,10 @@ def segmentation_figure(data: CategoryData, seg_dir: Path, out_path: Path, n: in
         for ax in (a, b, c):
             ax.axis("off")
     handles = [Patch(color=PALETTE[k] / 255, label="background" if k == 0 else f"class {k}") for k in sorted(seen)]
-    fig.legend(handles=handles, loc="upper right", fontsize=7, ncol=min(4, len(handles)), frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", fontsize=7.5, ncol=min(8, len(handles)), frameon=False,
+               title="classes (colour = segmentor class id)", title_fontsize=7.5)
     title = f"CSAD segmentation — {data.category}{title_suffix}"
-    fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+    fig.suptitle(title, fontsize=10)
     return _save(fig, out_path, title, caption)
 
 
