@@ -78,6 +78,10 @@ def main(argv=None) -> None:
     device = pick_device(args.device)
     cfg = make_config(args)
     backbone = load_backbone(args.backbone, args.weights)
+    if not args.benchmark_speed:
+        from common.provenance import start_from_args, weights_record  # the run record every score file carries
+
+        start_from_args("LGST", args, weights_record(backbone), {"args": args, "config": cfg}, categories)
 
     if args.benchmark_speed:
         if args.input_size is None:

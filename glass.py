@@ -83,6 +83,9 @@ def main(argv=None) -> list[dict]:
     device = pick_device(args.device)
     categories = resolve_categories(args, check=True)
     backbone = load_backbone(args.backbone, args.weights).to(device)
+    from common.provenance import start_from_args, weights_record  # the run record every score file carries
+
+    start_from_args("glass", args, weights_record(backbone), {"args": args, "config": cfg}, categories)
     results = []
     for category in categories:
         log.info("GLASS %s/%s on %s (scores -> %s)", args.dataset, category, device, args.score_dir)

@@ -94,7 +94,11 @@ def main(argv=None) -> dict:
     categories = resolve_categories(args, check=True)
     log.info("%s on %s (%d categories), backbone %s, device %s; scores -> %s, banks -> %s", name, args.dataset,
              len(categories), args.backbone, device, args.score_dir, args.ckpt_dir)
-    extractor = FeatureExtractor(load_backbone(args.backbone, args.weights), cfg.layers).to(device)
+    backbone = load_backbone(args.backbone, args.weights)
+    from common.provenance import start_from_args, weights_record  # the run record every score file carries
+
+    start_from_args(name, args, weights_record(backbone), {"args": args, "config": cfg}, categories)
+    extractor = FeatureExtractor(backbone, cfg.layers).to(device)
     if cfg.official_bn_update:  # once: every category of the official run starts from the same file + one update
         official_bn_update(extractor, cfg)
         log.info("--official-bn-update: BatchNorm statistics moved by one all-ones forward in train mode")

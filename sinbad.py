@@ -101,6 +101,11 @@ def main(argv=None) -> dict:
         # one backbone per deep level, so level 14 stops after layer3 instead of running to layer4
         for lv in sorted({lv for lv, _ in units if lv != PIXEL_LEVEL}):
             extractors[lv] = FeatureExtractor(load_backbone(args.backbone, args.weights), [DEEP_LAYERS[lv]]).to(device)
+    from common.provenance import start_from_args, weights_record  # the run record every score file carries
+
+    bb = next((e.backbone for e in extractors.values() if hasattr(e, "backbone")), None)
+    start_from_args("sinbad", args, weights_record(bb) if bb is not None else None,  # None: no deep level run
+                    {"args": args, "config": cfg}, categories)
     log.info("SINBAD on %s (%s), levels %s, crops %s, %s; unit files under %s", args.dataset, device, args.levels,
              args.crops, "fast" if args.fast else "full size", work_dir(args.score_dir))
     results, bench = {}, {}

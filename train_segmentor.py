@@ -72,7 +72,11 @@ def main(argv=None) -> list[dict]:
     from models.backbones import load_backbone
 
     device = pick_device(args.device)
-    encoder = Encoder(load_backbone(args.backbone, args.weights), device)
+    backbone = load_backbone(args.backbone, args.weights)
+    from common.provenance import start_from_args, weights_record  # the run record every score file carries
+
+    start_from_args("patchhist", args, weights_record(backbone), {"args": args}, categories)
+    encoder = Encoder(backbone, device)
     results = []
     for category in categories:
         seed_everything(args.seed)

@@ -72,7 +72,11 @@ def main(argv=None) -> None:
     device = pick_device(args.device)
     resolution = args.resolution or (FAST_RESOLUTION if args.fast else RESOLUTION)
     LOG.info("mean-image baseline on %s at %d px, image score = map %s", args.dataset, resolution, args.image_score)
-    for category in resolve_categories(args):
+    from common.provenance import start_from_args  # no backbone: the record has no weights
+
+    categories = resolve_categories(args)
+    start_from_args("mean_image", args, None, {"args": args, "resolution": resolution}, categories)
+    for category in categories:
         data = read_category(args.dataset, category, args.data_root)
         run_category(data, resolution, device, args.score_dir, args.image_score, not args.no_maps)
 
