@@ -5,6 +5,7 @@ takes `current()` and stores it beside its output, so any file can be traced bac
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import subprocess
@@ -49,6 +50,8 @@ def is_random(record: Mapping | None) -> bool:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     if isinstance(value, Mapping):
@@ -92,12 +95,16 @@ def current() -> dict | None:
     return None if _CURRENT is None else dict(_CURRENT)
 
 
-def start_from_args(method: str, args: Any, weights: Mapping | None = None, settings: Any = None) -> dict:
-    """start_run from a script's parsed common flags (common.cli.add_common_args): one line in each main()."""
+def start_from_args(method: str, args: Any, weights: Mapping | None = None, settings: Any = None,
+                    categories: Sequence[str] | None = None) -> dict:
+    """start_run from a script's parsed common flags (common.cli.add_common_args): one line in each main().
+
+    weights: weights_record(model); settings: the method's config (default: every flag)."""
     a = vars(args) if not isinstance(args, Mapping) else args
     return start_run(method=method, dataset=a.get("dataset"), data_root=a.get("data_root"),
-                     categories=a.get("categories"), weights=weights, fast=bool(a.get("fast")), seed=a.get("seed"),
-                     settings=settings if settings is not None else a)
+                     categories=categories if categories is not None else a.get("categories"), weights=weights,
+                     fast=bool(a.get("fast")), seed=a.get("seed"),
+                     settings=settings if settings is not None else dict(a))
 
 
 def weights_text(record: Mapping | None) -> str:
