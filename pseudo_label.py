@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from common import get_logger, pick_device, seed_everything, set_threads
-from common.cli import REPO_ROOT, add_common_args, resolve_categories
+from common.cli import REPO_ROOT, add_common_args, ensure_writable_dir, make_parser, resolve_categories
+from common.errors import UserError, guard
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of the dataset (the official script runs all five LOCO categories)
@@ -37,7 +38,7 @@ log = get_logger("pseudo_label")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     p.add_argument("--masks-root", default=str(MASKS_ROOT), help="output root (default datasets/masks)")
     p.add_argument("--config", default=None, help="per-category settings (default configs/csad_pseudo_label.json)")
@@ -71,37 +72,35 @@ def descriptor_backbone(args):
     return load_backbone(args.backbone, args.weights)
 
 
+@guard
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    ensure_writable_dir(args.masks_root, "--masks-root")  # before hours of segmentation, not after
     set_threads()
     seed_everything(args.seed)
-    from dataset_readers import DatasetError, read_category
+    from dataset_readers import read_category
     from methods.csad import label_layout as L
-    from methods.csad.pseudo_label.config import PseudoLabelError, load_config
+    from methods.csad.pseudo_label.config import load_config, prompt_words
 
-    categories = resolve_categories(args)
+    categories = resolve_categories(args, check=True)
     if args.from_component_maps:
         from dataset_readers import dataset_root
 
         root = dataset_root(args.dataset, args.data_root)
-        try:
-            return [{"category": c, "path": str(L.write_from_component_maps(
-                root, c, args.masks_root, good_fraction=args.good_fraction, overwrite=args.overwrite))}
-                for c in categories]
-        except (DatasetError, L.LayoutError) as exc:
-            raise SystemExit(f"pseudo_label.py: {exc}") from None
+        return [{"category": c, "path": str(L.write_from_component_maps(
+            root, c, args.masks_root, good_fraction=args.good_fraction, overwrite=args.overwrite))}
+            for c in categories]
 
-    try:
-        configs = {c: load_config(c, args.config) for c in categories}  # fail early on an unknown category
-    except PseudoLabelError as exc:
-        raise SystemExit(f"pseudo_label.py: {exc}") from None
+    configs = {c: load_config(c, args.config) for c in categories}  # fail early on an unknown category
     if args.weights != "random":  # fail before hours of segmentation, not after
         from models.backbones import find_weights
 
         try:
             find_weights(args.backbone, args.weights)
-        except (FileNotFoundError, ValueError) as exc:
-            raise SystemExit(f"pseudo_label.py: {exc}") from None
+        except (FileNotFoundError, ValueError) as exc:  # MissingWeightsError is a UserError already
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(str(exc)) from None
     device = pick_device(args.device)
     grounding_ckpt = args.grounding_ckpt or ("tiny" if args.fast else None)
     sam_ckpt = args.sam_ckpt or ("tiny" if args.fast else None)
@@ -118,8 +117,7 @@ def main(argv=None) -> list[dict]:
 
                 bert = args.bert_dir
                 if grounding_ckpt == "tiny" and bert is None:  # generated locally, never downloaded
-                    words = " ".join(configs[c].text_prompt + " " + configs[c].background_prompt for c in categories)
-                    bert = save_tiny_bert(tmp.name, words.replace(".", " ").split())
+                    bert = save_tiny_bert(tmp.name, prompt_words(args.config))  # the whole file: see prompt_words
                 log.info("loading Grounding DINO (%s) and HQ-SAM %s (%s) on %s", grounding_ckpt or "ckpt",
                          args.sam_model, sam_ckpt or "ckpt", device)
                 gd = load_grounding_dino(grounding_ckpt, bert, args.ckpt_dir, device)
@@ -154,14 +152,13 @@ def main(argv=None) -> list[dict]:
     summaries = []
     try:
         for cat in categories:
+            seed_everything(args.seed)  # per category: its result must not depend on the categories run before it
             cfg = configs[cat]
             data = read_category(args.dataset, cat, args.data_root)
             meta = {"backbone": args.backbone, "weights": str(Path(args.weights).name) if args.weights else "default",
                     "n_rotations": n_rot or cfg.common.get("n_rotations", 60), "crop": cfg.common.get("crop_size", 65)}
             log.info("%s: %d training images -> %s", cat, len(data.train), L.masks_dir(cat, args.masks_root))
             summaries.append(run_category(data, cfg, opts, make_segmenter(cfg), make_descriptor(cfg), meta, log))
-    except (DatasetError, PseudoLabelError, L.LayoutError, FileNotFoundError) as exc:
-        raise SystemExit(f"pseudo_label.py: {exc}") from None
     finally:
         tmp.cleanup()
     return summaries

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.errors import CheckpointError, UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GROUNDING_FILE = "groundingdino_swint_ogc.pth"
 GROUNDING_URL = "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/groundingdino_swint_ogc.pth"
@@ -28,6 +30,10 @@ TINY_CONFIG = dict(hidden_dim=256, nheads=8, enc_layers=1, dec_layers=1, num_que
 TINY_SWIN = dict(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])  # Swin-T layout, 1 block per stage
 # Activation checkpointing only matters for training; at inference it just adds overhead (same weights).
 INFERENCE_CONFIG = dict(use_checkpoint=False, use_transformer_ckpt=False)
+
+
+class ModelFileNotFoundError(UserError, FileNotFoundError):
+    """A model file or folder the user must download; the message names it and where to get it."""
 
 
 class TextBert(nn.Module):
@@ -89,7 +95,7 @@ def find_bert_dir(bert_dir: str | os.PathLike | None = None, ckpt_dir: str | os.
     path = Path(bert_dir) if bert_dir else Path(ckpt_dir or REPO_ROOT / "ckpt") / BERT_DIR
     needed = ["config.json", "vocab.txt"]
     if not path.is_dir() or any(not (path / f).is_file() for f in needed):
-        raise FileNotFoundError(f"BERT folder not found or incomplete: {path} (needs {', '.join(needed)} and the "
+        raise ModelFileNotFoundError(f"BERT folder not found or incomplete: {path} (needs {', '.join(needed)} and the "
                                 f"weights); download {BERT_URL}, or pass --bert-dir")
     return path
 
@@ -121,7 +127,7 @@ def load_grounding_dino(checkpoint: str | os.PathLike | None = None, bert_dir: s
         return build_tiny_grounding_dino(bert_dir).to(device)
     path = Path(checkpoint) if checkpoint else Path(ckpt_dir or REPO_ROOT / "ckpt") / GROUNDING_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"Grounding DINO checkpoint not found: {path}; download {GROUNDING_FILE} from "
+        raise ModelFileNotFoundError(f"Grounding DINO checkpoint not found: {path}; download {GROUNDING_FILE} from "
                                 f"{GROUNDING_URL} (sha256 {GROUNDING_SHA256}) into ckpt/, or pass --grounding-ckpt")
     bert = find_bert_dir(bert_dir, ckpt_dir)
     model = build_tiny_grounding_dino(bert) if tiny_architecture else build_grounding_dino(bert)
@@ -131,11 +137,11 @@ def load_grounding_dino(checkpoint: str | os.PathLike | None = None, bert_dir: s
     try:  # strict=False as the official loader: the file also holds BERT's position_ids buffer
         missing, _ = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise RuntimeError(f"{path} does not fit Grounding DINO SwinT-OGC: {str(exc).splitlines()[1].strip()}; "
+        raise CheckpointError(f"{path} does not fit Grounding DINO SwinT-OGC: {str(exc).splitlines()[1].strip()}; "
                            f"re-download it from {GROUNDING_URL}") from None
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
-        raise RuntimeError(f"{path} does not fit Grounding DINO SwinT-OGC: {len(missing)} missing tensors "
+        raise CheckpointError(f"{path} does not fit Grounding DINO SwinT-OGC: {len(missing)} missing tensors "
                            f"(e.g. {missing[0]}); re-download it from {GROUNDING_URL}")
     return model.to(device).eval().requires_grad_(False)
 
@@ -157,10 +163,11 @@ def save_tiny_bert(folder: str | os.PathLike, words: list[str], seed: int = 0) -
     else:
         tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(folder)
-    torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=512)
-    BertModel(cfg).save_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's RNG stream is left untouched
+        torch.manual_seed(seed)
+        BertModel(cfg).save_pretrained(folder)
     return folder
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from common.errors import CheckpointError
+from models.grounding import ModelFileNotFoundError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HQ_SAM_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main/{}"  # also linked from github.com/SysCV/sam-hq
 SAM_FILES = {
@@ -45,7 +48,7 @@ def load_sam(model_type: str = "vit_h", checkpoint: str | os.PathLike | None = N
         if model_type not in SAM_FILES:
             raise ValueError(f"unknown HQ-SAM model '{model_type}'; choose from: {', '.join(SAM_FILES)}")
         if path is not None and not path.is_file():
-            raise FileNotFoundError(f"HQ-SAM checkpoint not found: {path}; download {SAM_FILES[model_type]} from "
+            raise ModelFileNotFoundError(f"HQ-SAM checkpoint not found: {path}; download {SAM_FILES[model_type]} from "
                                     f"{HQ_SAM_URL.format(SAM_FILES[model_type])} into ckpt/ (or pass --sam-ckpt)")
         sam = sam_model_registry[model_type](checkpoint=None)
         if path is not None:
@@ -55,10 +58,10 @@ def load_sam(model_type: str = "vit_h", checkpoint: str | os.PathLike | None = N
             try:  # strict=False: HQ-SAM files may carry extra tensors; missing ones are an error below
                 missing, _ = sam.load_state_dict(state, strict=False)
             except RuntimeError as exc:  # shape mismatch: another model size
-                raise RuntimeError(f"{path} does not fit HQ-SAM {model_type}: {str(exc).splitlines()[1].strip()}; "
+                raise CheckpointError(f"{path} does not fit HQ-SAM {model_type}: {str(exc).splitlines()[1].strip()}; "
                                    "pass the matching --sam-model") from None
             if missing:
-                raise RuntimeError(f"{path} does not fit HQ-SAM {model_type}: {len(missing)} missing tensors "
+                raise CheckpointError(f"{path} does not fit HQ-SAM {model_type}: {len(missing)} missing tensors "
                                    f"(e.g. {missing[0]}); pass the matching --sam-model")
     return sam.to(device).eval().requires_grad_(False)
 
