@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from common.errors import guard
+from common.official import add_official_switch
 from evaluation import metrics as M
 from evaluation.benchmark import Config, run
 
@@ -25,13 +26,11 @@ METHODS = ["patchhist", "LGST", "sinbad", "glass", "patchcore", "sapatchcore", "
 PAIRS: list[str] = []  # cross-method fusions, e.g. ["CSAD+SINBAD"]
 SCORE_DIR = REPO_ROOT / "anomaly_score"
 OUT_DIR = REPO_ROOT / "results"
+# --official: the official MVTec LOCO script's image AUROC (map maximum, its tie rule)
+OFFICIAL_FLAGS = {"official_image_score": True}
 
 
-@guard
-def main(argv=None) -> int:
-    """Exit status 0 only when everything asked for was evaluated; otherwise one closing line names the first cause."""
-    from common.cli import resolve_categories
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--dataset", default=DATASET)
@@ -49,7 +48,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-figures", action="store_true", help="skip the ROC and overlay figures")
     p.add_argument("--masks-root", default=None, help="CSAD pseudo-label root, for the segmentation figure")
     p.add_argument("--spro-limit", type=float, default=M.SPRO_HEADLINE_LIMIT, help="sPRO limit of the markdown table")
-    args = p.parse_args(argv)
+    add_official_switch(p, OFFICIAL_FLAGS, help_extra="sPRO stays exact (the official sampled curve converges to it)")
+    return p
+
+
+@guard
+def main(argv=None) -> int:
+    """Exit status 0 only when everything asked for was evaluated; otherwise one closing line names the first cause."""
+    from common.cli import resolve_categories
+
+    args = build_parser().parse_args(argv)
     categories = resolve_categories(args)
     cfg = Config(dataset=args.dataset, data_root=args.data_root, categories=categories,
                  methods=args.methods or METHODS, score_dir=Path(args.score_dir), out_dir=Path(args.out_dir),

@@ -25,7 +25,7 @@ SEED = 0
 OFFICIAL_FLAGS = {"select_on_test": True, "official_judge_grid": True}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     d = GlassConfig()
@@ -56,7 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         g.add_argument("--" + name.replace("_", "-"), type=type(default), default=None, help=f"default {default}")
     add_official_switch(p, OFFICIAL_FLAGS, help_extra="numbers made with it use test-set model selection and must "
                         "be labelled so")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> GlassConfig:

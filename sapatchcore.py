@@ -28,7 +28,7 @@ FAST_SIZE = {"sapatchcore": ((128, 128), 112), "patchcore": ((128,), 112)}  # --
 OFFICIAL_FLAGS = {"official_bn_update": True}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     g = p.add_argument_group("method (defaults: the official code of the chosen method)")
@@ -62,7 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--workers", type=int, default=0)
     add_official_switch(p, OFFICIAL_FLAGS, help_extra="only the patchcore method has an official bug to restore "
                         "(the official SA-PatchCore calls .eval() first)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 @guard

@@ -13,6 +13,7 @@ import numpy as np
 from common import atomic_write_json, get_logger, pick_device, seed_everything, set_threads
 from common.cli import add_common_args, ensure_output_dirs, make_parser, resolve_categories
 from common.errors import UserError, guard
+from common.official import add_official_switch
 from dataset_readers import read_category
 from evaluation.score_files import save_group_scores, scores_for_samples
 from methods.sinbad import (CROP_RATIOS, LEVELS, PIXEL_LEVEL, DEEP_LAYERS, SinbadConfig, crop_counts, ensemble,
@@ -25,9 +26,11 @@ SEED = 0
 VAL_HOLDOUT = 0.1  # share of train images held out where a dataset has no validation split
 
 log = get_logger("sinbad")
+# --official: every official behaviour at once, known bugs included (the whitening default already is official)
+OFFICIAL_FLAGS = {"official_thresholds": True}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     d = SinbadConfig()
@@ -55,7 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--whiten", choices=["inv", "inv_sqrt"], default=d.whiten,
                    help="inv: x Sigma^-1 as the official code; inv_sqrt: Mahalanobis")
     g.add_argument("--benchmark", action="store_true", help="write time per image per level and peak memory (JSON)")
-    return p.parse_args(argv)
+    add_official_switch(p, OFFICIAL_FLAGS, help_extra="the official projections are unseeded, so two official runs "
+                        "differ too (docs/sinbad.md)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def make_config(args) -> SinbadConfig:

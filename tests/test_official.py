@@ -60,3 +60,44 @@ def test_apply_official_standalone():
     assert (ns.a, ns.b) == (1, 0)
     ns = argparse.Namespace(official=False, a=0)
     assert apply_official(ns, {"a": 1}).a == 0
+
+
+# ------------------------------------------------------------------------------------------------ the scripts
+import benchmark_performance  # noqa: E402
+import glass  # noqa: E402
+import sapatchcore  # noqa: E402
+import sinbad  # noqa: E402
+
+SCRIPTS = {"sapatchcore": (sapatchcore, {"official_bn_update": True}),
+           "glass": (glass, {"select_on_test": True, "official_judge_grid": True}),
+           "sinbad": (sinbad, {"official_thresholds": True}),
+           "benchmark_performance": (benchmark_performance, {"official_image_score": True})}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_official_turns_on_every_official_flag_of_the_script(name):
+    module, expected = SCRIPTS[name]
+    parser = module.build_parser()
+    flags = official_flags_of(parser)
+    assert flags == expected
+    # every per-behaviour official flag of the script is covered by --official
+    official_like = {a.dest for a in parser._actions
+                     if a.dest.startswith("official_") or a.dest in ("select_on_test",)}
+    assert official_like == set(flags), f"{name}: --official misses {official_like - set(flags)}"
+    plain, on = parser.parse_args([]), parser.parse_args(["--official"])
+    for dest, value in flags.items():
+        assert getattr(plain, dest) != value, dest  # the default is not the official bug
+        assert getattr(on, dest) == value, dest
+    assert {k: v for k, v in vars(on).items() if k not in flags and k != "official"} == \
+        {k: v for k, v in vars(plain).items() if k not in flags and k != "official"}  # nothing else moves
+    help_text = " ".join(parser.format_help().split())
+    for dest in flags:
+        assert "--" + dest.replace("_", "-") in help_text.split("--official every official")[1].split(". An")[0]
+
+
+def test_sapatchcore_bn_update_is_patchcore_only(capsys):
+    with pytest.raises(SystemExit) as exc:
+        sapatchcore.main(["--official-bn-update", "--weights", "random"])
+    assert exc.value.code == 1 and "--method patchcore" in capsys.readouterr().err
+    # --official with the SA-PatchCore method: the official SA-PatchCore has no such update, nothing to restore
+    assert sapatchcore.parse_args(["--official"]).official_bn_update is True  # turned off in main, not at parse
