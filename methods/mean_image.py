@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from common import get_logger, pick_device, seed_everything, set_threads
-from common.cli import add_common_args, resolve_categories
+from common.cli import add_common_args, ensure_output_dirs, make_parser, resolve_categories
+from common.errors import guard
 from dataset_readers import CategoryData, read_category
 from dataset_readers.torch_data import imagenet_transform, load_stack
 from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
@@ -60,13 +61,15 @@ def run_category(data: CategoryData, resolution: int, device: torch.device, scor
     return groups
 
 
+@guard
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES)
     p.add_argument("--resolution", type=int, default=None, help=f"side length (default {RESOLUTION}, --fast {FAST_RESOLUTION})")
     p.add_argument("--image-score", choices=("max", "mean"), default="max", help="reduction of the map to one score")
     p.add_argument("--no-maps", action="store_true", help="skip the TIFF anomaly maps (disk cost at full resolution)")
     args = p.parse_args(argv)
+    ensure_output_dirs(args, "score_dir")
     seed_everything(args.seed)
     set_threads()
     device = pick_device(args.device)
@@ -74,7 +77,7 @@ def main(argv=None) -> None:
     LOG.info("mean-image baseline on %s at %d px, image score = map %s", args.dataset, resolution, args.image_score)
     from common.provenance import start_from_args  # no backbone: the record has no weights
 
-    categories = resolve_categories(args)
+    categories = resolve_categories(args, check=True)
     start_from_args("mean_image", args, None, {"args": args, "resolution": resolution}, categories)
     for category in categories:
         data = read_category(args.dataset, category, args.data_root)
