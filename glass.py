@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "144, so discs of radius > 144 are truncated); default: a centred grid")
     g.add_argument("--checkpoint", default=None, help="test only, with this checkpoint (.pth)")
     g.add_argument("--test-only", action="store_true", help="test only, with ckpt/glass/<dataset>/<category>/ckpt.pth")
+    g.add_argument("--allow-unfinished", action="store_true",
+                   help="test with a checkpoint of a training run that did not finish (warns); refused by default")
     g.add_argument("--epochs", type=int, default=None, help=f"meta epochs (default {d.meta_epochs}; --fast 20)")
     g.add_argument("--imagesize", type=int, default=None, help=f"crop size (default {d.imagesize}; --fast 64)")
     g.add_argument("--embed-dim", type=int, default=None,
@@ -96,7 +98,8 @@ def main(argv=None) -> list[dict]:
         results.append(run_category(backbone, args.dataset, category, cfg, data_root=args.data_root,
                                     dtd_root=args.dtd_root, fg_root=args.fg_root, score_dir=args.score_dir,
                                     ckpt_dir=args.ckpt_dir, device=device, seed=args.seed,
-                                    checkpoint=args.checkpoint, test_only=args.test_only))
+                                    checkpoint=args.checkpoint, test_only=args.test_only,
+                                    allow_unfinished=args.allow_unfinished))
     return results
 
 

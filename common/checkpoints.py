@@ -81,7 +81,7 @@ def check_meta(path: str | Path, ckpt: Any, expected: Mapping, *, fix: str, allo
                               f"or {fix}")
     if not meta.get("finished", False):
         where = meta.get("progress")
-        what = f"{path} is from an unfinished run{f' (stopped at {where})' if where else ''}"
+        what = f"{path} is from an unfinished run{f' (last saved: {where})' if where else ''}"
         if not allow_unfinished:
             raise CheckpointError(f"{what}; {fix}, or pass {UNFINISHED_FLAG} to use it anyway")
         (logger or logging.getLogger("checkpoints")).warning("%s; used anyway (%s): its numbers are not those of "
@@ -90,8 +90,12 @@ def check_meta(path: str | Path, ckpt: Any, expected: Mapping, *, fix: str, allo
 
 
 def load_checked(path: str | Path, expected: Mapping, *, fix: str, allow_unfinished: bool = False,
-                 logger: logging.Logger | None = None, map_location: Any = "cpu") -> tuple[dict, dict]:
-    """load_checkpoint + check_meta: (checkpoint, saved record)."""
+                 logger: logging.Logger | None = None, map_location: Any = "cpu",
+                 missing_hint: str | None = None) -> tuple[dict, dict]:
+    """load_checkpoint + check_meta: (checkpoint, saved record). `missing_hint`: what to say if there is no file
+    (default `fix`)."""
+    if not Path(path).is_file():
+        load_checkpoint(path, hint=missing_hint or fix)  # raises MissingCheckpointError
     ckpt = load_checkpoint(path, map_location=map_location, hint=fix)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path} is not a checkpoint of this project (it holds a {type(ckpt).__name__}); {fix}")

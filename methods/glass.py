@@ -15,12 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import atomic_write_json, get_logger, load_checkpoint, save_checkpoint, seed_everything
+from common import atomic_write_json, get_logger, save_checkpoint, seed_everything
+from common.checkpoints import META_KEY, checkpoint_meta, load_checked
+from common.io import load_checkpoint
 from dataset_readers import DatasetError, Sample, read_category
-from dataset_readers.base import GOOD, image_size
+from dataset_readers.base import GOOD, image_size, load_image
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform, make_loader
 from evaluation.score_files import safe_category, save_anomaly_maps, save_group_scores, scores_for_samples
 from methods.glass_las import LASDataset, list_textures
+from methods.knn import NonFiniteError, check_features, weights_cause
 from methods.maps import resized_hw, uncrop, upsample_and_smooth
 from models.feature_extractor import FeatureExtractor, local_patch_features
 from models.glass_nets import Adaptor, Discriminator
@@ -314,8 +317,9 @@ class Trainer:
         loader = make_loader(samples, imagenet_transform(resize, self.cfg.imagesize), batch_size=self.cfg.batch_size,
                              workers=self.cfg.workers)
         feats = []
-        for imgs, _ in tqdm(loader, desc="embed train", leave=False):
+        for imgs, idx in tqdm(loader, desc="embed train", leave=False):
             e = self.model.embed(imgs.to(self.device))
+            check_features(e, imgs, [samples[int(i)] for i in idx], self.model.extractor.backbone)
             feats.append(e.reshape(e.shape[0], -1, e.shape[-1]))
         out = torch.cat(feats)
         gb = out.numel() * 4 / 2 ** 30
@@ -347,7 +351,12 @@ class Trainer:
             f = self.model.adaptor(emb.reshape(-1, emb.shape[-1]))
             m = mask_s.to(self.device).reshape(-1)
             cc = c.repeat(len(idx), 1)
-            loss, stats = glass_loss(self.model.discriminator, x, f, m, cc, svd, self.cfg)
+            try:
+                loss, stats = glass_loss(self.model.discriminator, x, f, m, cc, svd, self.cfg)
+            except RuntimeError as exc:
+                if "between 0 and 1" not in str(exc):
+                    raise
+                raise self.diverged(emb, aug, idx) from None
             if self.opt_adaptor is not None:
                 self.opt_adaptor.zero_grad(set_to_none=True)
             self.opt_disc.zero_grad(set_to_none=True)
@@ -361,7 +370,19 @@ class Trainer:
             seen += len(idx)
             if seen > self.cfg.limit:
                 break
-        return {k: float(v) / iters for k, v in sums.items()}  # one host sync per epoch
+        out = {k: float(v) / iters for k, v in sums.items()}  # one host sync per epoch
+        if not math.isfinite(out.get("loss", 0.0)):
+            raise self.diverged(None, None, None)
+        return out
+
+    def diverged(self, emb, aug, idx) -> NonFiniteError:
+        """Name the real cause of a NaN discriminator output: the LAS images' features (weights), or training."""
+        if emb is not None and not bool(torch.isfinite(emb).all()):
+            return NonFiniteError(f"features of the LAS images are not finite: {weights_cause(self.model.extractor.backbone)}"
+                                  if bool(torch.isfinite(aug).all()) else
+                                  "the LAS images are not finite: check the DTD textures (--dtd-root) and --fg-root masks")
+        return NonFiniteError(f"GLASS training diverged: the discriminator output became NaN although its input "
+                              f"features are finite; lower --lr (now {self.cfg.lr:g})")
 
 
 # ---------------------------------------------------------------- prediction
@@ -392,11 +413,39 @@ def predict(model: Glass, samples: Sequence[Sample], cfg: GlassConfig, resize: i
     out = {"scores": torch.cat(scores).numpy().astype(np.float64)}
     bad = np.flatnonzero(~np.isfinite(out["scores"]))
     if len(bad):
-        raise FloatingPointError(f"GLASS produced a non-finite score for {samples[bad[0]].path} ({len(bad)} images); "
-                                 "the training diverged (lower --lr) or the checkpoint is corrupt")
+        raise _nonfinite_score(model, samples[bad[0]], len(bad), resize, cfg, device)
     if gt:
         out["pixel_auroc"] = _auroc(np.concatenate(pix_l), np.concatenate(pix_s))
     return out
+
+
+def _nonfinite_score(model: Glass, sample: Sample, n_bad: int, resize: int, cfg: GlassConfig, device) -> NonFiniteError:
+    """Runs only after a failure: the image's features (backbone weights / image), else the trained weights."""
+    imgs = imagenet_transform(resize, cfg.imagesize)(load_image(sample.path))[None]
+    try:
+        check_features(model.embed(imgs.to(device)), imgs, [sample], model.extractor.backbone)
+    except NonFiniteError as exc:
+        return exc
+    bad = [n for n, p in list(model.discriminator.named_parameters()) + list(model.adaptor.named_parameters())
+           if not bool(torch.isfinite(p).all())]
+    where = f" ({n_bad} images)" if n_bad > 1 else ""
+    if bad:
+        return NonFiniteError(f"GLASS score of {sample.path}{where} is not finite: the trained discriminator/adaptor "
+                              f"weights hold NaN or Inf ({bad[0]}), i.e. the training diverged; re-train with a lower "
+                              f"--lr (now {cfg.lr:g})")
+    return NonFiniteError(f"GLASS score of {sample.path}{where} is not finite although its features and the model "
+                          "weights are finite; re-train with a lower --lr")
+
+
+# Settings that do not change the trained model (speed, memory, which saved epoch is scored).
+NON_MODEL_KEYS = ("workers", "cache_max_gb", "select_on_test", "eval_epochs")
+
+
+def glass_meta(backbone: nn.Module, cfg: GlassConfig, dataset: str, category: str, train=None, *,
+               finished: bool = True, **extra) -> dict:
+    config = {k: v for k, v in asdict(cfg).items() if k not in NON_MODEL_KEYS}
+    return checkpoint_meta(method=METHOD, dataset=dataset, category=category, model=backbone, config=config,
+                           train_samples=train, finished=finished, **extra)
 
 
 # ---------------------------------------------------------------- one category, end to end
@@ -406,7 +455,7 @@ def ckpt_folder(ckpt_dir: str | Path, dataset: str, category: str) -> Path:
 
 def run_category(backbone: nn.Module, dataset: str, category: str, cfg: GlassConfig, *, data_root=None,
                  dtd_root=None, fg_root=None, score_dir, ckpt_dir, device, seed: int = 0,
-                 checkpoint: str | None = None, test_only: bool = False) -> dict:
+                 checkpoint: str | None = None, test_only: bool = False, allow_unfinished: bool = False) -> dict:
     seed_everything(seed)
     data = read_category(dataset, category, data_root)
     cls = category.split("/")[-1]
@@ -431,12 +480,18 @@ def run_category(backbone: nn.Module, dataset: str, category: str, cfg: GlassCon
             ckpt_folder(ckpt_dir, source_dataset, cls) if source_dataset else folder, cfg)
         hint = (f"train it first: python glass.py --dataset {source_dataset or dataset} --categories "
                 f"{cls if source_dataset else category}, or pass --checkpoint")
-        ckpt = load_checkpoint(path, map_location="cpu", hint=hint)
+        # MAD is scored with the MVTec AD model of the class: its record names mvtec_ad/<class> and MVTec's images
+        expected = glass_meta(backbone, cfg, source_dataset or dataset, cls if source_dataset else category,
+                              None if source_dataset else data.train)
+        ckpt, _ = load_checked(path, expected, fix=f"re-train: python glass.py --dataset {source_dataset or dataset} "
+                               f"--categories {cls if source_dataset else category}",
+                               allow_unfinished=allow_unfinished, logger=log, missing_hint=hint)
         model.load_state(ckpt, path)
         summary.update(checkpoint=str(path), svd=ckpt.get("svd"), epoch=ckpt.get("epoch"))
         log.info("%s/%s: test only, weights from %s (epoch %s)", dataset, category, path, ckpt.get("epoch"))
     else:
-        summary.update(_train(model, data, cfg, resize, dataset, category, folder, dtd_root, fg_root, device, seed))
+        summary.update(_train(model, data, cfg, resize, dataset, category, folder, dtd_root, fg_root, device, seed,
+                              backbone))
 
     groups = data.score_groups()
     res = predict(model, data.test, cfg, resize, device, write_maps=(str(score_dir), category), gt=True,
@@ -463,7 +518,7 @@ def _default_ckpt(folder: Path, cfg: GlassConfig) -> Path:
 
 
 def _train(model: Glass, data, cfg: GlassConfig, resize: int, dataset: str, category: str, folder: Path,
-           dtd_root, fg_root, device, seed: int) -> dict:
+           dtd_root, fg_root, device, seed: int, backbone: nn.Module | None = None) -> dict:
     if not data.train:
         raise DatasetError(f"{dataset}/{category} has no training images; GLASS needs train/good (or --checkpoint)")
     fg = FG_DEFAULT.get(dataset, 0) if cfg.fg is None else cfg.fg
@@ -492,7 +547,11 @@ def _train(model: Glass, data, cfg: GlassConfig, resize: int, dataset: str, cate
         stats = trainer.train_epoch(loader, cache, svd)
         t_train += time.time() - t
         entry = {"epoch": epoch, **stats}
-        state = {**model.state(), "epoch": epoch, "svd": svd, "config": asdict(cfg), "category": category}
+        # finished only with the last epoch: a run killed earlier leaves a checkpoint that --test-only refuses
+        meta = glass_meta(backbone or model.extractor.backbone, cfg, dataset, category, data.train,
+                          finished=epoch == cfg.meta_epochs - 1, progress=f"epoch {epoch + 1} of {cfg.meta_epochs}")
+        state = {**model.state(), "epoch": epoch, "svd": svd, "config": asdict(cfg), "category": category,
+                 META_KEY: meta}
         if cfg.select_on_test and (epoch + 1) % cfg.eval_epochs == 0:
             # Official protocol: choose the epoch on the TEST set (max I-AUROC + P-AUROC, ties keep the earlier).
             res = predict(model, data.test, cfg, resize, device, gt=True, binarize_gt=dataset == "visa", desc="eval")
@@ -506,7 +565,11 @@ def _train(model: Glass, data, cfg: GlassConfig, resize: int, dataset: str, cate
         bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in ("loss", "p_true", "p_fake", "i_auroc")})
     atomic_write_json(folder / "train_log.json", history)
     if cfg.select_on_test and best_epoch is not None:
-        model.load_state(load_checkpoint(folder / "ckpt_best.pth"), folder / "ckpt_best.pth")
+        best_path = folder / "ckpt_best.pth"
+        best_state = load_checkpoint(best_path, hint="re-train")
+        best_state[META_KEY]["finished"] = True  # the selected epoch of a run that has now finished
+        save_checkpoint(best_path, best_state)
+        model.load_state(best_state, best_path)
         log.info("%s/%s: TEST-SET model selection picked epoch %d (official protocol)", dataset, category, best_epoch)
     return {"svd": svd, "variant_source": source, "fg": fg, "epoch": best_epoch if cfg.select_on_test else
             cfg.meta_epochs - 1, "train_seconds_per_epoch": t_train / max(1, cfg.meta_epochs),

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from common.cli import REPO_ROOT
 from dataset_readers.base import DatasetError, Sample, load_image
@@ -101,15 +102,60 @@ def perlin_mask(shape: tuple[int, int], downsampling: int, rng: np.random.Genera
 
 
 # ---------------------------------------------------------------- textures and foreground
-def texture_transform(resize: int | tuple[int, int], crop: int, rand_aug: bool, rng: np.random.Generator) -> T.Compose:
-    """Resize, then (rand_aug) 3 distinct ops of the 9, then centre crop and ImageNet normalisation."""
-    ops = [T.ColorJitter(contrast=(0.8, 1.2)), T.ColorJitter(brightness=(0.8, 1.2)),
-           T.ColorJitter(saturation=(0.8, 1.2), hue=(-0.2, 0.2)), T.RandomHorizontalFlip(p=1),
-           T.RandomVerticalFlip(p=1), T.RandomGrayscale(p=1), T.RandomAutocontrast(p=1), T.RandomEqualize(p=1),
-           T.RandomAffine(degrees=(-45, 45))]
-    chosen = [ops[i] for i in rng.choice(len(ops), 3, replace=False)] if rand_aug else []
-    return T.Compose([T.Resize(resize, antialias=True), *chosen, T.CenterCrop(crop), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+# torchvision's random transforms draw from the global torch RNG. Drawing the same numbers, in the same order,
+# from a per-item torch.Generator gives the same augmentations without touching the global RNG, whose state GLASS's
+# Gaussian noise (GAS) depends on in the main process (so results would change with --workers).
+def _jitter(brightness=None, contrast=None, saturation=None, hue=None):
+    """T.ColorJitter: a random order of the four adjustments, each factor uniform in its range."""
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+    def op(img, g: torch.Generator):
+        order = torch.randperm(4, generator=g).tolist()
+        factors = [None if r is None else float(torch.empty(1).uniform_(r[0], r[1], generator=g))
+                   for r in (brightness, contrast, saturation, hue)]
+        for k in order:
+            if factors[k] is not None:
+                img = adjust[k](img, factors[k])
+        return img
+    return op
+
+
+def _always(fn):
+    """T.RandomHorizontalFlip(p=1) and the like: applied always, after drawing (and ignoring) one number."""
+    def op(img, g: torch.Generator):
+        torch.rand(1, generator=g)
+        return fn(img)
+    return op
+
+
+def _affine(lo: float, hi: float):
+    """T.RandomAffine(degrees=(lo, hi)): rotation only, nearest interpolation, black fill."""
+    def op(img, g: torch.Generator):
+        angle = float(torch.empty(1).uniform_(lo, hi, generator=g).item())
+        return TF.affine(img, angle, [0, 0], 1.0, [0.0, 0.0], interpolation=T.InterpolationMode.NEAREST, fill=0)
+    return op
+
+
+# The official 9 texture operations (GLASS datasets/mvtec.py rand_augmenter), in the official order.
+TEXTURE_OPS = (_jitter(contrast=(0.8, 1.2)), _jitter(brightness=(0.8, 1.2)),
+               _jitter(saturation=(0.8, 1.2), hue=(-0.2, 0.2)), _always(TF.hflip), _always(TF.vflip),
+               _always(lambda im: TF.rgb_to_grayscale(im, num_output_channels=len(im.getbands()))),
+               _always(TF.autocontrast), _always(TF.equalize), _affine(-45.0, 45.0))
+
+
+def texture_transform(resize: int | tuple[int, int], crop: int, rand_aug: bool, rng: np.random.Generator):
+    """Resize, then (rand_aug) 3 distinct ops of the 9, then centre crop and ImageNet normalisation.
+    Returns tf(image, generator): the ops' random factors come from `generator`, never from the global RNG."""
+    chosen = [TEXTURE_OPS[i] for i in rng.choice(len(TEXTURE_OPS), 3, replace=False)] if rand_aug else []
+    resize_tf = T.Resize(resize, antialias=True)
+    tail = T.Compose([T.CenterCrop(crop), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def tf(img, g: torch.Generator) -> torch.Tensor:
+        img = resize_tf(img)
+        for op in chosen:
+            img = op(img, g)
+        return tail(img)
+    return tf
 
 
 def fg_mask_path(sample: Sample, fg_root: Path) -> Path:
@@ -169,9 +215,10 @@ class LASDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         image = self.image_tf(load_image(self.samples[i].path))
         tex_path = self.textures[int(rng.integers(len(self.textures)))]
-        tex_tf = texture_transform(self.resize, self.crop, self.rand_aug, rng) if self.rand_aug else self.image_tf
-        torch.manual_seed(int(rng.integers(2 ** 31)))  # torchvision's random ops draw from torch
-        texture = tex_tf(load_image(tex_path))
+        tex_tf = texture_transform(self.resize, self.crop, True, rng) if self.rand_aug else None
+        # the item's own torch generator, drawn from the item's stream: the global torch RNG is never touched here
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+        texture = tex_tf(load_image(tex_path), gen) if tex_tf is not None else self.image_tf(load_image(tex_path))
         fg = None
         if self.fg_root is not None:
             path = fg_mask_path(self.samples[i], self.fg_root)
