@@ -18,6 +18,8 @@ import torch
 from benchmarks.speed import BACKBONE, BANK_IMAGES, METHODS, Settings, defaults_for_device, environment, \
     expand_methods, markdown_table, run_method, write_outputs
 from common import get_logger, pick_device, seed_everything, set_threads
+from common.cli import ensure_writable_dir, make_parser
+from common.errors import UserError, guard
 
 OUT_DIR = Path(__file__).resolve().parent / "results" / "speed"
 IMAGES = 4  # training images: one GLASS batch of 4, a 4-image memory bank, one segmentor batch
@@ -26,7 +28,7 @@ log = get_logger("benchmark_speed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--methods", nargs="+", default=list(METHODS),
                    help=f"any of {', '.join(METHODS)}; 'sinbad' = its three levels")
     p.add_argument("--backbone", default=BACKBONE, help="backbone for every method (default: the papers' WRN50-2)")
@@ -54,17 +56,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@guard
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    ensure_writable_dir(args.out_dir, "--out-dir")  # before the timings, not after
     set_threads(args.threads)
     seed_everything(args.seed)
     device = pick_device(args.device)
     if args.dtype == "fp16" and device.type != "cuda":
-        raise SystemExit("--dtype fp16 needs a GPU (--device cuda); CPU timings are fp32")
+        raise UserError("--dtype fp16 needs a GPU (--device cuda); CPU timings are fp32")
     try:
         methods = expand_methods(args.methods)
     except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+        raise UserError(str(exc)) from None
     if args.official_csad_timing:
         methods.append("csad_official")
     d = defaults_for_device(device)
