@@ -134,19 +134,18 @@ def test_focal_entropy_and_ce_hand_computed():
 
 # --- labels and LSA ---------------------------------------------------------------------------------------------
 
-def test_fill_holes_keeps_class_ids_and_official_permutes():
+def test_fill_holes_keeps_class_ids_drops_small_classes_and_official_permutes():
     lab = np.zeros((40, 40), np.uint8)
     lab[2:30, 2:30] = 3  # large ring of class 3 with a hole
     lab[10:20, 10:20] = 0
-    lab[12:15, 12:15] = 2  # small class 2 inside the hole (9 px, below the official 100 px list limit)
+    lab[12:15, 12:15] = 2  # small class 2 inside the hole: 9 px <= 100, dropped as by the official split
     lab[32:39, 2:38] = 1  # medium class 1
+    lab[0, 39] = 4  # a 1 px class far from everything: dropped
     fixed = fill_holes_by_class(lab)
-    assert (fixed[lab > 0] == lab[lab > 0]).all()  # labelled pixels keep their ids
-    hole = (lab == 0)
-    hole[:, :] = False
-    hole[10:20, 10:20] = True
-    assert (fixed[hole & (lab == 0)] == 3).all()  # the background hole is filled with its class
-    assert set(np.unique(fixed)) == {0, 1, 2, 3}
+    big = (lab == 1) | (lab == 3)
+    assert (fixed[big] == lab[big]).all()  # labelled pixels of kept classes keep their ids
+    assert (fixed[10:20, 10:20] == 3).all()  # the hole (with the dropped class inside) takes its class
+    assert fixed[0, 39] == 0 and set(np.unique(fixed)) == {0, 1, 3}
     lab2 = np.zeros((40, 40), np.uint8)  # three classes whose area order is a 3-cycle of the id order
     lab2[0:20, 0:20] = 3
     lab2[25:35, 0:15] = 2
@@ -158,6 +157,64 @@ def test_fill_holes_keeps_class_ids_and_official_permutes():
     for src, dst in ((3, 2), (1, 3), (2, 1)):
         assert (official[lab2 == src] == dst).all()
     assert set(np.unique(official)) == {0, 1, 2, 3}
+    # a missing class 1: the official list positions shift ids 2, 3 -> 1, 2 (areas 150 < 400: no permutation)
+    lab3 = np.where(lab2 == 1, 0, lab2)
+    shifted = fill_holes_by_class(lab3, official=True)
+    assert (shifted[lab3 == 3] == 2).all() and (shifted[lab3 == 2] == 1).all()
+    assert (fill_holes_by_class(lab3) == lab3).all()
+
+
+def _official_merge_masks(masks):
+    """Reference for the official `merge_masks` (Tokichan/CSAD models/segmentation/dataloader.py): paint list
+    ranks by descending area (stable sort), then un-map them through argsort(areas)[::-1]."""
+    result = np.zeros_like(masks[0], dtype=np.uint8)
+    for i, m in enumerate(sorted(masks, key=lambda x: np.sum(x), reverse=True)):
+        result[m != 0] = i + 1
+    order = np.argsort(np.array([np.sum(m) for m in masks]))[::-1]
+    mapping = {o + 1: i + 1 for i, o in enumerate(order)}
+    out = np.zeros_like(result)
+    for o in order + 1:
+        out[result == o] = mapping[o]
+    return out
+
+
+def test_official_hole_fill_equals_the_official_merge_on_random_maps():
+    from scipy.ndimage import binary_fill_holes
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        lab = np.zeros((60, 60), np.uint8)
+        for c in rng.permutation(5)[:4] + 1:
+            y, x, h, w = rng.integers(0, 45, 2).tolist() + rng.integers(6, 16, 2).tolist()
+            lab[y:y + h, x:x + w] = c
+            lab[y + 2:y + h - 2, x + 2:x + w - 2] = 0  # rings, so hole filling matters
+        masks = [binary_fill_holes(lab == c) for c in range(1, lab.max() + 1) if (lab == c).sum() > 100]
+        np.testing.assert_array_equal(fill_holes_by_class(lab, official=True), _official_merge_masks(masks))
+
+
+def test_label_resize_is_pil_nearest_after_full_resolution_filling():
+    from PIL import Image
+    import cv2
+    from methods.csad.segmentor import prepare_background, prepare_label, resize_nearest
+
+    rng = np.random.default_rng(4)
+    lab = rng.integers(0, 6, size=(160, 80)).astype(np.uint8)  # LOCO juice_bottle aspect ratio, 1/10 size
+    pil = np.asarray(Image.fromarray(lab).resize((32, 32), Image.NEAREST))
+    np.testing.assert_array_equal(resize_nearest(lab, 32), pil)
+    assert (cv2.resize(lab, (32, 32), interpolation=cv2.INTER_NEAREST) != pil).mean() > 0.1  # cv2 picks others
+    # a 1 px ring: filled at full resolution its inside is class 1; resized first, the ring is lost
+    ring = np.zeros((100, 100), np.uint8)
+    ring[20, 20:80] = ring[79, 20:80] = ring[20:80, 20] = ring[20:80, 79] = 1
+    ring[90:95, 5:10] = 2  # 25 px: dropped at full resolution (it would be 0-1 px at 10x10)
+    cfg = SegmentorConfig(fill_holes=True)
+    got = prepare_label(ring, 10, cfg)
+    np.testing.assert_array_equal(got, resize_nearest(fill_holes_by_class(ring), 10))
+    assert (got[3:7, 3:7] == 1).all() and 2 not in got
+    assert (resize_nearest(ring, 10)[3:7, 3:7] == 0).all()
+    assert prepare_label(ring, 10, SegmentorConfig()).tolist() == resize_nearest(ring, 10).tolist()
+    # every non-zero background.jpg pixel is background (JPEG noise included), not only > 127
+    bg = np.array([[0, 1], [5, 200]], np.uint8).repeat(4, 0).repeat(4, 1)
+    np.testing.assert_array_equal(prepare_background(bg, 2), [[False, True], [True, True]])
 
 
 def _lsa_scene():
@@ -199,6 +256,65 @@ def test_lsa_pastes_only_at_accepted_locations_unless_official():
     assert pasted == 1 and (out == 2).sum() > 64
 
 
+def test_lsa_centre_mask_warp_and_zero_masked_source():
+    import cv2
+    from methods.csad.segmentor import _affine
+
+    img, lab = _lsa_scene()
+    lab[12:20, 16:20] = 3  # two classes inside the component
+    inst = ((lab == 2) | (lab == 3)).astype(np.uint8)
+    (comp,) = find_components(lab, inst)
+    assert comp.centre == (12 + 8 // 2, 12 + 8 // 2)  # cv2.boundingRect x + w//2, not (min+max)/2 = 15.5
+    # columns 12..15 (w 4): 12 + 2 = 14, not 13.5
+    assert find_components(lab, np.pad(inst[:, :16], ((0, 0), (0, 48))))[0].centre == (14, 16)
+    background = np.zeros((64, 64), bool)
+    for official in (False, True):
+        cfg = SegmentorConfig(lsa_points=500, lsa_attempts=20, max_aug_num=1, official_lsa=official)
+        lsa = LabeledLSA(cfg, np.random.default_rng(1))
+        found = lsa.find_location(comp, [], lab, background, 0.5, mandatory=True)
+        mat, _, wm = found
+        mask255 = inst * 255
+        ref_mask = cv2.warpAffine(mask255, mat, (64, 64), flags=cv2.INTER_LINEAR) > 200
+        np.testing.assert_array_equal(wm, ref_mask)
+        assert 40 < wm.sum() < 64  # the bilinear mask loses its edge pixels
+        out_img, out_lab = img.copy(), lab.copy()
+        lsa._paste(img, lab, out_img, out_lab, found)
+        src = np.where(inst[..., None] > 0, img, 0).astype(np.uint8)  # zero-masked source
+        np.testing.assert_array_equal(out_img[wm], cv2.warpAffine(src, mat, (64, 64), flags=cv2.INTER_LINEAR)[wm])
+        src_lab = np.where(inst > 0, lab, 0).astype(np.uint8)
+        flag = cv2.INTER_LINEAR if official else cv2.INTER_NEAREST
+        np.testing.assert_array_equal(out_lab[wm], cv2.warpAffine(src_lab, mat, (64, 64), flags=flag)[wm])
+        np.testing.assert_array_equal(out_lab[~wm], lab[~wm])
+        if not official:
+            assert set(np.unique(out_lab[wm]).tolist()) == {2, 3}
+    # the official bilinear label warp invents ids between 2 and 3 on a rotated paste; nearest never does
+    mat = _affine(30.0, comp.centre, (44.3, 40.6))
+    wm = cv2.warpAffine(inst * 255, mat, (64, 64), flags=cv2.INTER_LINEAR) > 200
+    lab1 = np.where(inst > 0, np.where(lab == 2, 1, 3), lab).astype(np.uint8)  # classes 1 and 3 side by side
+    for official, expect_wrong in ((False, False), (True, True)):
+        lsa = LabeledLSA(SegmentorConfig(official_lsa=official), np.random.default_rng(0))
+        out_img, out_lab = img.copy(), lab1.copy()
+        lsa._paste(img, lab1, out_img, out_lab, (mat, comp, wm))
+        assert (2 in out_lab[wm]) == expect_wrong
+
+
+def test_lsa_resamples_the_component_every_10_attempts_unless_official():
+    img, lab = _lsa_scene()
+    lab[30:38, 30:38] = 2
+    inst = np.zeros((64, 64), np.uint8)
+    inst[12:20, 12:20], inst[30:38, 30:38] = 1, 2
+    a, b = find_components(lab, inst)
+    everywhere = np.ones((64, 64), bool)  # nothing can be accepted
+    for official in (False, True):
+        cfg = SegmentorConfig(lsa_points=200, lsa_attempts=25, official_lsa=official)
+        queue = [b]
+        found = LabeledLSA(cfg, np.random.default_rng(0)).find_location(a, queue, lab, everywhere, 0.5, True)
+        if official:  # never re-sampled; the mandatory paste uses the last attempt anyway
+            assert queue == [b] and found is not None and found[1] is a
+        else:  # b taken at attempt 10, nothing accepted, no paste
+            assert queue == [] and found is None
+
+
 def test_light_augment_keeps_labels_aligned():
     x = torch.zeros(6, 3, 32, 32)
     y = torch.zeros(6, 32, 32, dtype=torch.long)
@@ -224,6 +340,74 @@ def test_config_defaults_and_official_flags():
     f = make_config("juice_bottle", fast=True, ce_on_logits=args.ce_on_logits, official_lsa=args.official_lsa,
                     official_hole_fill=args.official_hole_fill, epochs=None)
     assert f.resolution == 64 and f.epochs == 12 and f.ce_on_logits and f.official_lsa and f.official_hole_fill
+
+
+# --- training step: two BatchNorm passes -------------------------------------------------------------------------
+
+def _bn_state(m):
+    return {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("use_unsup", [False, True])
+def test_train_step_runs_two_bn_passes_in_every_epoch(use_unsup):
+    import copy
+    from methods.csad.segmentor import train_step
+
+    torch.manual_seed(0)
+    model = Segmentor(3, (8, 16))
+    ref = copy.deepcopy(model)
+    sup = {"layer1": torch.randn(2, 8, 8, 8), "layer3": torch.randn(2, 16, 2, 2)}
+    unsup = {"layer1": torch.randn(2, 8, 8, 8) * 3 + 1, "layer3": torch.randn(2, 16, 2, 2) * 2}
+    y = torch.randint(0, 3, (2, 32, 32))
+    onehot = F.one_hot(y, 3).permute(0, 3, 1, 2).float()
+    target = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.2, 0.2]])
+    cfg = SegmentorConfig(resolution=32)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_step(model, opt, cfg, sup, onehot, unsup, target, use_unsup)
+
+    # hand computation for the first BatchNorm (low-level 1x1 conv on layer1): two momentum-0.999 updates,
+    # first towards the supervised batch, then towards the unsupervised one
+    w = ref.low_level[0].weight[:, :, 0, 0].detach()
+    m, rm, rv = 0.999, torch.zeros(48), torch.ones(48)
+    for feats in (sup, unsup):
+        z = torch.einsum("oc,bchw->bohw", w, feats["layer1"])
+        rm = (1 - m) * rm + m * z.mean((0, 2, 3))
+        rv = (1 - m) * rv + m * z.var((0, 2, 3), unbiased=True)
+    bn = model.low_level[1]
+    torch.testing.assert_close(bn.running_mean, rm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, rv, rtol=1e-5, atol=1e-6)
+    assert int(bn.num_batches_tracked) == 2
+
+    # every BatchNorm equals a hand-run two-pass forward of the untouched copy
+    ref.train()
+    with torch.no_grad():
+        ref(sup, 32)
+        ref(unsup, 32)
+    got, want = _bn_state(model), _bn_state(ref)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    # ... and differs from one pass over the concatenated batch (what the previous version did)
+    torch.manual_seed(0)
+    fresh = Segmentor(3, (8, 16)).train()
+    with torch.no_grad():
+        fresh({k: torch.cat([sup[k], unsup[k]]) for k in sup}, 32)
+    assert not torch.allclose(_bn_state(fresh)["low_level.1.running_mean"], rm, atol=1e-3)
+
+    # the parameter update: in the supervised-only phase the unsupervised output carries no gradient
+    torch.manual_seed(0)
+    ref2 = Segmentor(3, (8, 16)).train()
+    opt2 = torch.optim.Adam(ref2.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ls, lu = ref2(sup, 32), ref2(unsup, 32)
+    ps, pu = ls.softmax(1), lu.softmax(1)
+    loss = 0.5 * ce_loss(ls, onehot) + 10 * focal_loss(ps, onehot) + dice_loss(ps, onehot)
+    if use_unsup:
+        loss = loss + 10 * histogram_loss(pu, target) + entropy_loss(pu) + entropy_loss(ps)
+    opt2.zero_grad()
+    loss.backward()
+    opt2.step()
+    for (k, a), b in zip(model.named_parameters(), ref2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
 
 
 # --- network and checkpoint -------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ class SegmentorConfig:
     fill_holes: bool = False  # breakfast_box and juice_bottle set it (CATEGORY_OVERRIDES)
     official_hole_fill: bool = False  # reproduce the official class-id permutation of the re-merge
     lsa_ratio: float = 1.0
-    official_lsa: bool = False  # location drawn once, mandatory paste even when no location was accepted
+    # official LSA: the component is never re-sampled, the mandatory paste happens even when no location was
+    # accepted, and the pasted label map is warped bilinearly (wrong ids on its edges)
+    official_lsa: bool = False
     min_distance: float = 0.2
     boundary: float = 0.1
     lsa_points: int = 10000
@@ -107,38 +109,40 @@ def entropy_loss(probs: torch.Tensor) -> torch.Tensor:
 # --- labels ----------------------------------------------------------------------------------------------------
 
 def fill_holes_by_class(label: np.ndarray, official: bool = False, min_area: int = 100) -> np.ndarray:
-    """Hole-fill each class mask and re-merge, larger classes first so smaller ones stay on top.
+    """Official `fill_holes` (Tokichan/CSAD models/segmentation/dataloader.py): classes of <= min_area pixels are
+    dropped, each remaining class mask is hole-filled, and the masks are painted in descending area order, so that
+    smaller classes stay on top. Run at full resolution, before the resize.
 
-    Default: class ids are kept and labelled pixels never change (only background holes are filled).
-    official=True reproduces the official re-merge: classes with <= min_area pixels are dropped, and the painted
-    positions are un-mapped with the inverted permutation to list positions, so ids can shift or permute.
+    Default: each pixel keeps its class id. official=True reproduces the official re-merge `merge_masks`, which
+    paints list positions and un-maps them with an inverted permutation, so ids can shift or permute.
     """
-    ids = [int(c) for c in np.unique(label) if c != 0 and (label == c).sum() > min_area]
+    areas_all = np.bincount(label.ravel(), minlength=256)
+    ids = [c for c in range(1, len(areas_all)) if areas_all[c] > min_area]
     if not ids:
-        return label.copy()
+        return np.zeros_like(label)
     filled = [binary_fill_holes(label == c) for c in ids]
-    order = np.argsort([-int(m.sum()) for m in filled], kind="stable")  # area descending
+    areas = np.array([int(m.sum()) for m in filled])
+    order = np.argsort(-areas, kind="stable")  # Python's stable sorted(..., reverse=True)
+    out = np.zeros_like(label)
     if official:
-        out = np.zeros_like(label)
-        inverse = np.argsort(order)
-        for j, i in enumerate(order):
-            out[filled[i]] = inverse[j] + 1  # intended: ids[i]
-        return out
-    out = label.copy()
+        for rank, i in enumerate(order):
+            out[filled[i]] = rank + 1
+        mask_order = np.argsort(areas)[::-1]  # the official un-mapping (ties reversed, unlike the painting)
+        lut = np.zeros(len(ids) + 1, label.dtype)
+        lut[1:] = np.argsort(mask_order) + 1  # intended: mask_order + 1 (and then the class ids, not positions)
+        return lut[out]
     for i in order:
         out[filled[i]] = ids[i]
-    keep = label > 0
-    out[keep] = label[keep]
     return out
 
 
-# --- LSA copy-paste ---------------------------------------------------------------------------------------------
+# --- LSA copy-paste (Tokichan/CSAD models/segmentation/lsa.py) ---------------------------------------------------
 
 @dataclass
 class Component:
     ys: np.ndarray
     xs: np.ndarray
-    centre: tuple[float, float]  # bbox centre (x, y) in pixels
+    centre: tuple[int, int]  # (x + w // 2, y + h // 2) of the bounding box, as the official cv2.boundingRect
 
     @property
     def area(self) -> int:
@@ -163,64 +167,95 @@ def find_components(label: np.ndarray, instances: np.ndarray, min_area_frac: flo
         if m.sum() <= min_area_frac * m.size or intersect_ratio(m, fg) <= min_overlap:
             continue
         ys, xs = np.nonzero(m)
-        comps.append(Component(ys, xs, ((xs.min() + xs.max()) / 2.0, (ys.min() + ys.max()) / 2.0)))
+        x0, y0 = int(xs.min()), int(ys.min())
+        w, h = int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1
+        comps.append(Component(ys, xs, (x0 + w // 2, y0 + h // 2)))
     return comps
 
 
-def _affine(angle_deg: np.ndarray, src: tuple[float, float], dst: np.ndarray) -> np.ndarray:
-    """(A, 2, 3) matrices rotating about `src` (cv2 convention) and moving `src` to `dst` (A, 2)."""
+def _affine(angle_deg: float, src: tuple[float, float], dst: tuple[float, float]) -> np.ndarray:
+    """(2, 3) matrix: cv2.getRotationMatrix2D(src, angle, 1) followed by the translation src -> dst."""
     t = np.deg2rad(angle_deg)
     a, b = np.cos(t), np.sin(t)
     sx, sy = src
-    m = np.empty((len(t), 2, 3))
-    m[:, 0, 0], m[:, 0, 1], m[:, 0, 2] = a, b, dst[:, 0] - a * sx - b * sy
-    m[:, 1, 0], m[:, 1, 1], m[:, 1, 2] = -b, a, dst[:, 1] + b * sx - a * sy
-    return m
+    return np.array([[a, b, dst[0] - a * sx - b * sy], [-b, a, dst[1] + b * sx - a * sy]])
 
 
 class LabeledLSA:
-    """Paste a displaced, rotated copy of a labelled component into the same image, with its label ids."""
+    """Paste a displaced, rotated copy of a labelled component into the same image, with its label ids.
+
+    As the official `labeled_lsa`: candidates in a random order (probability ~ area^weight_power, without
+    replacement); a component with > 100 background pixels in the label map is skipped; every attempt draws a new
+    target centre (10 000 uniform points, weights ~ distance^2, zero below min_distance) and a new integer angle;
+    the 0/255 component mask is warped bilinearly and thresholded at > 200; a location is accepted when that mask
+    covers < 50 % (mandatory paste) or < 90 % (optional paste) of the SAM background; the zero-masked image is
+    warped bilinearly and pasted under the mask.
+
+    Fixed by default (official behaviour with `official_lsa`): every 10 attempts the next component is tried (the
+    official condition `attempt+1 % 10 == 0` never fires), a mandatory paste happens only at an accepted location
+    (the official one pastes at its last attempt regardless), and the label map is warped with nearest neighbour
+    (the official bilinear warp mixes class ids on the pasted edges).
+    """
 
     def __init__(self, cfg: SegmentorConfig, rng: np.random.Generator):
         self.cfg, self.rng = cfg, rng
 
-    def _centres(self, comp: Component, size: int, n: int) -> np.ndarray | None:
+    def _centre(self, comp: Component, size: int) -> tuple[float, float] | None:
         c = self.cfg
         pts = self.rng.uniform(c.boundary, 1 - c.boundary, size=(c.lsa_points, 2))
-        d = np.linalg.norm(pts - np.asarray(comp.centre) / size, axis=1)
+        d = np.linalg.norm(pts - np.asarray(comp.centre, np.float64) / size, axis=1)
         w = d ** 2 * (d >= c.min_distance)
         if w.sum() <= 0:
             return None
-        return pts[self.rng.choice(len(pts), size=n, p=w / w.sum())] * size
+        x, y = pts[self.rng.choice(len(pts), p=w / w.sum())] * size
+        return float(x), float(y)
 
-    def find_location(self, comp: Component, background: np.ndarray, threshold: float,
-                      mandatory: bool) -> np.ndarray | None:
-        """First accepted (2, 3) matrix over the attempts, evaluated in chunks (vectorised over pixels)."""
+    @staticmethod
+    def _mask(comp: Component, size: int) -> np.ndarray:
+        m = np.zeros((size, size), np.uint8)
+        m[comp.ys, comp.xs] = 255
+        return m
+
+    def find_location(self, comp: Component, queue: list[Component], label: np.ndarray, background: np.ndarray,
+                      threshold: float, mandatory: bool):
+        """(matrix, component, warped bool mask) of the first accepted attempt, or None. `queue`: the components
+        not yet tried, in sampling order (the fixed search takes the next valid one every 10 attempts)."""
         c, size = self.cfg, background.shape[0]
-        n_attempts = c.lsa_attempts
-        # Fixed: a new location every 10 attempts. Official: the resampling condition never fires.
-        n_loc = 1 if c.official_lsa else math.ceil(n_attempts / 10)
-        centres = self._centres(comp, size, n_loc)
-        if centres is None:
-            return None
-        loc = np.zeros(n_attempts, int) if c.official_lsa else np.arange(n_attempts) // 10
-        angles = self.rng.integers(0, 360, n_attempts).astype(np.float64)
-        mats = _affine(angles, comp.centre, centres[loc])
-        bg_area = int(background.sum())
-        xs, ys = comp.xs.astype(np.float32), comp.ys.astype(np.float32)
-        for start in range(0, n_attempts, 50):
-            m = mats[start:start + 50].astype(np.float32)
-            wx = np.rint(m[:, 0, :1] * xs + m[:, 0, 1:2] * ys + m[:, 0, 2:]).astype(np.int64)
-            wy = np.rint(m[:, 1, :1] * xs + m[:, 1, 1:2] * ys + m[:, 1, 2:]).astype(np.int64)
-            inside = (wx >= 0) & (wx < size) & (wy >= 0) & (wy < size)
-            area = inside.sum(1)
-            hit = background[wy.clip(0, size - 1), wx.clip(0, size - 1)] & inside
-            denom = np.minimum(area, bg_area)
-            ratio = np.where(denom > 0, hit.sum(1) / np.maximum(denom, 1), 0.0)
-            ok = np.flatnonzero((ratio < threshold) & (area > 0))
-            if len(ok):
-                return mats[start + ok[0]]
-        return mats[-1] if (mandatory and c.official_lsa) else None
+        mask = self._mask(comp, size)
+        last = None
+        for attempt in range(c.lsa_attempts):
+            if not c.official_lsa and (attempt + 1) % 10 == 0:
+                while queue:
+                    nxt = queue.pop(0)
+                    if self._valid(nxt, label):
+                        comp, mask = nxt, self._mask(nxt, size)
+                        break
+            centre = self._centre(comp, size)
+            angle = int(self.rng.integers(0, 360))
+            if centre is None:
+                continue
+            mat = _affine(angle, comp.centre, centre)
+            warped = cv2.warpAffine(mask, mat, (size, size), flags=cv2.INTER_LINEAR) > 200
+            last = (mat, comp, warped)
+            if intersect_ratio(warped, background) < threshold:
+                return last
+        return last if (mandatory and c.official_lsa) else None
+
+    @staticmethod
+    def _valid(comp: Component, label: np.ndarray) -> bool:
+        return int((label[comp.ys, comp.xs] == 0).sum()) <= 100
+
+    def _paste(self, image, label, img, lab, found) -> None:
+        mat, comp, wm = found
+        size = label.shape[0]
+        src = np.zeros_like(image)
+        src[comp.ys, comp.xs] = image[comp.ys, comp.xs]  # zero-masked source, as the official temp_img
+        src_lab = np.zeros_like(label)
+        src_lab[comp.ys, comp.xs] = label[comp.ys, comp.xs]
+        wi = cv2.warpAffine(src, mat, (size, size), flags=cv2.INTER_LINEAR)
+        wl = cv2.warpAffine(src_lab, mat, (size, size),
+                            flags=cv2.INTER_LINEAR if self.cfg.official_lsa else cv2.INTER_NEAREST)
+        img[wm], lab[wm] = wi[wm], wl[wm]
 
     def __call__(self, image: np.ndarray, label: np.ndarray, comps: list[Component],
                  background: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -228,22 +263,29 @@ class LabeledLSA:
         if not comps or self.rng.random() >= c.lsa_ratio:
             return image, label, 0
         w = np.array([cp.area for cp in comps], np.float64) ** c.weight_power
-        order = self.rng.choice(len(comps), size=len(comps), replace=False, p=w / w.sum())
-        valid = [comps[i] for i in order if int((label[comps[i].ys, comps[i].xs] == 0).sum()) <= 100]
+        queue = [comps[i] for i in self.rng.choice(len(comps), size=len(comps), replace=False, p=w / w.sum())]
         img, lab, pasted = image.copy(), label.copy(), 0
-        size = label.shape[0]
-        for k, comp in enumerate(valid[:c.max_aug_num]):
-            mandatory = k < c.min_aug_num
-            mat = self.find_location(comp, background, 0.5 if mandatory else 0.9, mandatory)
-            if mat is None:
+        done = 0
+        while done < c.min_aug_num and queue:  # mandatory pastes: the next valid component until one is pasted
+            comp = queue.pop(0)
+            if not self._valid(comp, label):
                 continue
-            mask = np.zeros_like(label)
-            mask[comp.ys, comp.xs] = 1
-            wm = cv2.warpAffine(mask, mat, (size, size), flags=cv2.INTER_NEAREST) > 0
-            wi = cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_LINEAR)
-            wl = cv2.warpAffine(label, mat, (size, size), flags=cv2.INTER_NEAREST)
-            img[wm], lab[wm] = wi[wm], wl[wm]
+            found = self.find_location(comp, queue, label, background, 0.5, mandatory=True)
+            if found is None:
+                continue
+            self._paste(image, label, img, lab, found)
+            done += 1
             pasted += 1
+        for _ in range(c.max_aug_num - c.min_aug_num):  # optional pastes: one draw each, skipped if invalid
+            if not queue:
+                break
+            comp = queue.pop(0)
+            if not self._valid(comp, label):
+                continue
+            found = self.find_location(comp, queue, label, background, 0.9, mandatory=False)
+            if found is not None:
+                self._paste(image, label, img, lab, found)
+                pasted += 1
         return img, lab, pasted
 
 
@@ -285,8 +327,34 @@ def load_uint8(samples: list[Sample], size: int, desc: str = "load") -> np.ndarr
     return out
 
 
-def _resize_nearest(arr: np.ndarray, size: int) -> np.ndarray:
-    return cv2.resize(arr, (size, size), interpolation=cv2.INTER_NEAREST)
+def resize_nearest(arr: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W) -> (size, size) with PIL NEAREST, as the official torchvision Resize(NEAREST) on a PIL image
+    (cv2 INTER_NEAREST picks other source pixels: 1.7 % of a LOCO label map differs)."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(arr, np.uint8)).resize((size, size), Image.NEAREST))
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """uint8 (H, W) as the official `Image.open(path).convert("L")`."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"))
+    except (OSError, ValueError) as exc:
+        raise layout.LayoutError(f"cannot read {path} ({exc}); delete the category folder and re-run "
+                                 "pseudo_label.py") from None
+
+
+def prepare_label(label: np.ndarray, size: int, cfg: SegmentorConfig) -> np.ndarray:
+    """Full-resolution class map -> training label: hole filling (and dropping classes of <= 100 px) at full
+    resolution, then the PIL NEAREST resize, in the official order."""
+    if cfg.fill_holes:
+        label = fill_holes_by_class(label, official=cfg.official_hole_fill)
+    return resize_nearest(label, size)
+
+
+def prepare_background(background: np.ndarray, size: int) -> np.ndarray:
+    """SAM background.jpg (uint8, full resolution) -> bool (size, size): PIL NEAREST resize, then every non-zero
+    pixel is background, as the official intersect_ratio counts it (JPEG noise near 0 included)."""
+    return resize_nearest(background, size) != 0
 
 
 @dataclass
@@ -330,17 +398,15 @@ def build_training_set(data: CategoryData, masks_root: str | Path | None, cfg: S
         if lab.max() > k:
             raise layout.LayoutError(f"{layout.image_dir(cat, stem, masks_root) / layout.LABEL_MAP} has class "
                                      f"{lab.max()} > K={k}; re-run pseudo_label.py")
-        lab = _resize_nearest(lab, r)
-        if cfg.fill_holes:
-            lab = fill_holes_by_class(lab, official=cfg.official_hole_fill)
+        lab = prepare_label(lab, r, cfg)
         ts.labels[int(i)] = lab
         inst_path = layout.image_dir(cat, stem, masks_root) / layout.REFINED
-        inst = _resize_nearest(layout.read_label_map(cat, stem, masks_root, layout.REFINED), r) \
+        inst = resize_nearest(layout.read_label_map(cat, stem, masks_root, layout.REFINED), r) \
             if inst_path.is_file() else layout.instance_map(lab)
         ts.comps[int(i)] = find_components(lab, inst)
         bg_path = layout.image_dir(cat, stem, masks_root) / layout.BACKGROUND
-        ts.backgrounds[int(i)] = _resize_nearest(layout.read_background(cat, stem, masks_root).astype(np.uint8), r) > 0 \
-            if bg_path.is_file() else np.zeros((r, r), bool)
+        ts.backgrounds[int(i)] = prepare_background(read_gray(bg_path), r) if bg_path.is_file() \
+            else np.zeros((r, r), bool)
     if len(sup) < cfg.batch_size:
         raise layout.LayoutError(f"{cat}: only {len(sup)} supervised images in {layout.GOOD_INDICES}, the batch size "
                                  f"is {cfg.batch_size}; re-run pseudo_label.py with more training images")
@@ -373,10 +439,6 @@ def _take(feats: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
     return {k: v[idx] for k, v in feats.items()}
 
 
-def _cat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: torch.cat([a[k], b[k]]) for k in a}
-
-
 # --- training ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -385,6 +447,32 @@ class TrainResult:
     epoch_times: list[float]
     losses: list[float]
     train_feats: dict[str, torch.Tensor]
+
+
+def train_step(model: Segmentor, opt: torch.optim.Optimizer, cfg: SegmentorConfig, sup_feats: dict[str, torch.Tensor],
+               onehot: torch.Tensor, unsup_feats: dict[str, torch.Tensor] | None, target_hist: torch.Tensor | None,
+               use_unsup: bool) -> float:
+    """One official training step (Tokichan/CSAD models/segmentation/segmentor.py `train_one_epoch`): two train-mode
+    passes, segmentor(sup) then segmentor(unsup), in every epoch. Each pass normalises with its own batch
+    statistics, and both move the BatchNorm running statistics (momentum 0.999: the eval statistics are those of
+    the last unsupervised batch). Before `sup_only_epochs` the unsupervised output is unused (no graph is kept)."""
+    r = cfg.resolution
+    ls = model(sup_feats, r)
+    lu = None
+    if unsup_feats is not None:
+        with torch.set_grad_enabled(use_unsup):
+            lu = model(unsup_feats, r)
+    ps = ls.softmax(1)
+    loss = (cfg.ce_weight * ce_loss(ls, onehot, cfg.ce_on_logits) + cfg.focal_weight * focal_loss(ps, onehot)
+            + cfg.dice_weight * dice_loss(ps, onehot))
+    if use_unsup and lu is not None:
+        pu = lu.softmax(1)
+        loss = loss + cfg.hist_weight * histogram_loss(pu, target_hist) + cfg.entropy_weight * (
+            entropy_loss(pu) + entropy_loss(ps))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def train_segmentor(ts: TrainingSet, encoder: Encoder, cfg: SegmentorConfig, seed: int = 42,
@@ -426,26 +514,17 @@ def train_segmentor(ts: TrainingSet, encoder: Encoder, cfg: SegmentorConfig, see
             y = torch.from_numpy(np.stack(labs)).to(dev).long()
             x, y = light_augment(x, y, gen)
             feats = encoder(x)  # augmented images need a fresh (batched) pass
-            if use_unsup:
+            unsup_feats = target = None
+            if len(ts.unsup):  # the official loop draws an unsupervised batch in every epoch
                 while len(unsup_stream) < bs:
-                    unsup_stream += rng.permutation(ts.unsup).tolist()
+                    pass_ = rng.permutation(ts.unsup).tolist()
+                    # shuffle + drop_last, as the official loader (kept whole when there are fewer than bs)
+                    unsup_stream += pass_[:len(pass_) // bs * bs] if len(pass_) >= bs else pass_
                 u_idx, unsup_stream = unsup_stream[:bs], unsup_stream[bs:]
-                feats = _cat(feats, _take(train_feats, torch.as_tensor(u_idx, device=dev)))
-            logits = model(feats, r)
-            probs = logits.softmax(1)
-            ls, ps = logits[:bs], probs[:bs]
+                unsup_feats = _take(train_feats, torch.as_tensor(u_idx, device=dev))
+                target = sup_hists[torch.randint(len(sup_hists), (len(u_idx),), generator=gen).to(dev)]
             onehot = F.one_hot(y, ts.num_classes).permute(0, 3, 1, 2).float()
-            loss = (cfg.ce_weight * ce_loss(ls, onehot, cfg.ce_on_logits) + cfg.focal_weight * focal_loss(ps, onehot)
-                    + cfg.dice_weight * dice_loss(ps, onehot))
-            if use_unsup:
-                pu = probs[bs:]
-                target = sup_hists[torch.randint(len(sup_hists), (len(pu),), generator=gen).to(dev)]
-                loss = loss + cfg.hist_weight * histogram_loss(pu, target) + cfg.entropy_weight * (
-                    entropy_loss(pu) + entropy_loss(ps))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
+            total += train_step(model, opt, cfg, feats, onehot, unsup_feats, target, use_unsup)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         epoch_times.append(time.perf_counter() - t_epoch)
