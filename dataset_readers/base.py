@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 GOOD = "good"
 LOGICAL = "logical_anomalies"
 STRUCTURAL = "structural_anomalies"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPG", ".PNG")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPG", ".JPEG", ".PNG")  # .JPEG: tiny-imagenet
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # compared lower-cased
 
 

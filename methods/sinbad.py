@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.errors import UserError
 from common.io import atomic_path
 from dataset_readers.base import CategoryData, Sample
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, make_loader
@@ -335,21 +336,25 @@ def save_unit(path: Path, result: dict, data: CategoryData, cfg: SinbadConfig, m
             np.savez(f, test=result["test"], val=result["val"], info=np.array(json.dumps(info)))
 
 
+class UnitFileError(UserError, FileNotFoundError):
+    """A SINBAD unit file that --ensemble-only needs is missing."""
+
+
 def load_unit(path: Path, data: CategoryData) -> dict:
     """A unit file, checked against the current image lists."""
     if not path.is_file():
-        raise FileNotFoundError(f"SINBAD unit file not found: {path} (run sinbad.py for this level/crop count first, "
+        raise UnitFileError(f"SINBAD unit file not found: {path} (run sinbad.py for this level/crop count first, "
                                 "or drop --ensemble-only)")
     try:
         with np.load(path) as z:
             test, val, info = z["test"], z["val"], json.loads(str(z["info"]))
     except Exception as exc:
-        raise RuntimeError(f"cannot read SINBAD unit file {path} ({exc}); delete it and re-run its unit") from None
+        raise UserError(f"cannot read SINBAD unit file {path} ({exc}); delete it and re-run its unit") from None
     if info.get("test") != [sample_key(s) for s in data.test] or info.get("val") != [sample_key(s) for s in
                                                                                       data.validation]:
-        raise RuntimeError(f"{path} was computed on other images than {data.category} now lists; re-run its unit")
+        raise UserError(f"{path} was computed on other images than {data.category} now lists; re-run its unit")
     if not (np.isfinite(test).all() and np.isfinite(val).all()):
-        raise RuntimeError(f"{path} holds NaN or inf scores; delete it and re-run its unit")
+        raise UserError(f"{path} holds NaN or inf scores; delete it and re-run its unit")
     return {"test": test, "val": val, "info": info}
 
 
