@@ -95,6 +95,39 @@ def test_channel_stats_equal_direct_computation():
     np.testing.assert_allclose(std.flatten().numpy(), sigma, rtol=1e-5)
 
 
+def test_official_teacher_stats_mean_of_batch_means_with_odd_n():
+    f = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(5)) * 2 + 1
+    a = f.double().numpy()
+
+    def official(order):  # batch 2, no drop_last: batches (o0, o1), (o2, o3), (o4)
+        batches = [order[0:2], order[2:4], order[4:5]]
+        mu = np.mean([a[b].mean(axis=(0, 2, 3)) for b in batches], axis=0)
+        return mu, batches
+
+    mu, batches = official([0, 1, 2, 3, 4])
+    # by hand: the single-image last batch weighs double
+    hand = ((a[0] + a[1]).mean((1, 2)) / 2 + (a[2] + a[3]).mean((1, 2)) / 2 + a[4].mean((1, 2))) / 3
+    np.testing.assert_allclose(mu, hand, rtol=1e-12)
+    var = np.mean([((a[b] - mu[None, :, None, None]) ** 2).mean(axis=(0, 2, 3)) for b in batches], axis=0)
+    mean, std = lgst.channel_stats(f, batch_size=2)
+    np.testing.assert_allclose(mean.flatten().numpy(), mu, rtol=1e-5)
+    np.testing.assert_allclose(std.flatten().numpy(), np.sqrt(var), rtol=1e-5)
+    g_mean, _ = lgst.channel_stats(f)
+    assert np.abs(g_mean.flatten().numpy() - mu).max() > 1e-3  # differs from the default global mean
+    # shuffled as the official loader: one permutation for the mean pass, a second for the variance pass
+    g = torch.Generator().manual_seed(9)
+    p1, p2 = torch.randperm(5, generator=g).tolist(), torch.randperm(5, generator=g).tolist()
+    mu1, _ = official(p1)
+    b2 = [p2[0:2], p2[2:4], p2[4:5]]
+    var2 = np.mean([((a[b] - mu1[None, :, None, None]) ** 2).mean(axis=(0, 2, 3)) for b in b2], axis=0)
+    mean, std = lgst.channel_stats(f, batch_size=2, generator=torch.Generator().manual_seed(9))
+    np.testing.assert_allclose(mean.flatten().numpy(), mu1, rtol=1e-5)
+    np.testing.assert_allclose(std.flatten().numpy(), np.sqrt(var2), rtol=1e-5)
+    even_mean, even_std = lgst.channel_stats(f[:4], batch_size=2, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(even_mean, lgst.channel_stats(f[:4])[0])  # even N: both definitions agree
+    torch.testing.assert_close(even_std, lgst.channel_stats(f[:4])[1])
+
+
 def test_color_augment_matches_torchvision():
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     out = lgst.color_augment(x, torch.Generator().manual_seed(7))

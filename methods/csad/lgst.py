@@ -25,10 +25,12 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from common import get_logger, load_checkpoint, save_checkpoint
+from common.checkpoints import META_KEY, check_meta, checkpoint_meta
 from dataset_readers.base import IMAGE_SUFFIXES, DatasetError, Sample
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, load_stack
 from models.efficientad import AutoEncoder, LocalStudent
 from models.feature_extractor import FeatureExtractor
+from methods.knn import NonFiniteError, require_finite, weights_cause
 
 METHOD = "LGST"
 TEACHER_LAYERS = ("layer2", "layer3")
@@ -57,6 +59,7 @@ class LGSTConfig:
     weight_ae: float = 1.0
     weight_stae: float = 1.0
     eval_freq: int = 1000
+    official_teacher_stats: bool = False  # official mean of per-batch means (see channel_stats)
 
     @property
     def out_size(self) -> int:
@@ -105,11 +108,33 @@ def normalize_map(m: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, scale: 
     return scale * (m - q_a) / (q_b - q_a)
 
 
-def channel_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over (N, H, W) of raw teacher maps (N, C, H, W): EfficientAD's
-    teacher_normalization with equal-size images (mean of per-image means; sqrt of the mean squared deviation)."""
-    mean = features.mean(dim=(0, 2, 3), keepdim=True)
-    var = ((features - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+def channel_stats(features: torch.Tensor, batch_size: int | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over (N, H, W) of raw teacher maps (N, C, H, W): the global mean, and the sqrt
+    of the mean squared deviation from it.
+
+    batch_size: the official `teacher_normalization` (Tokichan/CSAD CSAD.py) instead: the mean of per-batch
+    channel means over the shuffled training loader (this batch size, no drop_last), so when N is odd the last,
+    single-image batch weighs double; the variance likewise, around that mean, over a second shuffle.
+    generator: those two shuffles (None: the images in order)."""
+    if batch_size is None:
+        mean = features.mean(dim=(0, 2, 3), keepdim=True)
+        var = ((features - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        return mean, var.sqrt()
+
+    def mean_of_batch_means(per_image: torch.Tensor) -> torch.Tensor:  # (N, C) -> (C,)
+        n = len(per_image)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        sizes = torch.full((n,), float(batch_size))
+        if n % batch_size:
+            sizes[n - n % batch_size:] = float(n % batch_size)
+        n_batches = math.ceil(n / batch_size)
+        w = torch.empty(n, dtype=per_image.dtype, device=per_image.device)
+        w[order.to(per_image.device)] = (1.0 / (sizes * n_batches)).to(per_image)  # position in the shuffle
+        return (w[:, None] * per_image).sum(0)
+
+    mean = mean_of_batch_means(features.mean(dim=(2, 3)))[None, :, None, None]
+    var = mean_of_batch_means(((features - mean) ** 2).mean(dim=(2, 3)))[None, :, None, None]
     return mean, var.sqrt()
 
 
@@ -226,11 +251,16 @@ def build_model(backbone: nn.Module, cfg: LGSTConfig, seed: int) -> LGSTModel:
     return LGSTModel(extractor, in_ch, cfg, seed)
 
 
-def load_model(path: str | Path, backbone: nn.Module, device: torch.device | str = "cpu") -> tuple[LGSTModel, dict]:
+def load_model(path: str | Path, backbone: nn.Module, device: torch.device | str = "cpu", *,
+               dataset: str | None = None, category: str | None = None,
+               allow_unfinished: bool = False) -> tuple[LGSTModel, dict]:
+    """The LGST model of `path` on `backbone`; its record must name this backbone and weights (and `dataset` /
+    `category` when given)."""
     ckpt = load_checkpoint(path, hint="train it with CSAD.py")
-    name = getattr(backbone, "backbone_name", ckpt["backbone"])
-    if name != ckpt["backbone"]:
-        raise ValueError(f"{path} was trained with backbone {ckpt['backbone']}, not {name}; pass --backbone {ckpt['backbone']}")
+    expected = {"backbone": getattr(backbone, "backbone_name", None), "weights_sha256":
+                getattr(backbone, "weights_sha256", None) or "RANDOM", "dataset": dataset, "category": category}
+    check_meta(path, ckpt, expected, fix=f"re-train it: python CSAD.py{f' --dataset {dataset}' if dataset else ''}"
+               f"{f' --categories {category}' if category else ''}", allow_unfinished=allow_unfinished, logger=log)
     model = LGSTModel.from_checkpoint(ckpt, FeatureExtractor(backbone, TEACHER_LAYERS))
     return model.to(device).eval(), ckpt
 
@@ -350,11 +380,16 @@ def train(model: LGSTModel, train_images: torch.Tensor, val_images: torch.Tensor
     t0 = time.time()
     # The teacher is frozen: features of the un-augmented training images are computed once.
     raw = teacher_features(model, train_images, device, batch_size_infer)
-    mean, std = channel_stats(raw)
+    # uint8 images are always finite: non-finite teacher features come from the backbone weights
+    require_finite(raw, "teacher features of the training images", weights_cause(model.teacher.extractor.backbone))
+    mean, std = channel_stats(raw, cfg.batch_size if cfg.official_teacher_stats else None,
+                              torch.Generator().manual_seed(seed))
     model.teacher_mean.copy_(mean)
     model.teacher_std.copy_(std)
     t_train = (raw - mean) / std
     del raw
+    require_finite(t_train, "normalised teacher features", "a teacher channel is constant over the training images "
+                   "(std 0); check that the training images are not all identical")
     log.info("teacher features of %d training images (%s) in %.1fs", len(train_images), tuple(t_train.shape[1:]),
              time.time() - t0)
 
@@ -397,7 +432,9 @@ def train(model: LGSTModel, train_images: torch.Tensor, val_images: torch.Tensor
         opt.step()
         sched.step()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"LGST loss is {loss.item()} at iteration {it}; lower --lr or check the data")
+            raise NonFiniteError(f"LGST training diverged: the loss is {loss.item()} at iteration {it} although the "
+                                 f"teacher features are finite (the weights and images are fine); lower --lr "
+                                 f"(now {cfg.lr:g})")
         if it % 50 == 0 or it == cfg.iterations:
             bar.set_postfix(loss=f"{loss.item():.4f}", hard=f"{loss_hard.item():.4f}", ae=f"{loss_ae.item():.4f}")
         if evaluate is not None and (it % cfg.eval_freq == 0 or it == cfg.iterations):
@@ -492,8 +529,11 @@ def run_category(data, backbone: nn.Module, cfg: LGSTConfig, device, seed: int =
                                                    data).values())))
     info = train(model, train_images, val_images, device, seed, penalty, workers, evaluate, batch_size_infer)
     ckpt = checkpoint_path(ckpt_dir, data.category)
+    # written once, after training: a killed run leaves no checkpoint
+    meta = checkpoint_meta(method=METHOD, dataset=data.dataset, category=data.category, model=backbone,
+                           config=asdict(cfg), train_samples=data.train, finished=True, seed=seed)
     save(model, ckpt, getattr(backbone, "backbone_name", "unknown"), iteration=info["iteration"],
-         selected=info["selected"], seed=seed, category=data.category)
+         selected=info["selected"], seed=seed, category=data.category, **{META_KEY: meta})
     log.info("%s: checkpoint written to %s", data.category, ckpt)
 
     maps, scores = predict(model, test_images, device, batch_size_infer)
