@@ -255,11 +255,11 @@ def test_saved_bank_reproduces_scores(synth_run):
 
 def test_clear_errors(synth_run, tmp_path):
     _, _, common, _ = synth_run
-    with pytest.raises(FileNotFoundError, match="sapatchcore_synth_box.pt"):
+    with pytest.raises(SystemExit, match="sapatchcore_synth_box.pt"):  # main() exits 1 with the one-line message
         sapatchcore.main(common + ["--ckpt-dir", str(tmp_path), "--load-bank", "--no-maps"])
-    with pytest.raises(DatasetError, match="unknown category"):
+    with pytest.raises(SystemExit, match="unknown category"):
         sapatchcore.main(common[:5] + ["nope"] + common[6:])
-    with pytest.raises(DatasetError, match="not found"):
+    with pytest.raises(SystemExit, match="not found"):
         sapatchcore.main(["--dataset", "mvtec_ad", "--data-root", str(tmp_path / "missing"), "--categories", "bottle",
                           "--weights", "random"])
 
