@@ -15,17 +15,21 @@ import json
 from common import get_logger, pick_device, seed_everything, set_threads
 from common.cli import REPO_ROOT, add_common_args, ensure_output_dirs, make_parser, resolve_categories
 from common.errors import guard
+from common.official import add_official_switch
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of --dataset (MVTec LOCO: the five official ones)
 BACKBONE = "wide_resnet50_2_tv2"  # the official teacher: timm tv2_in1k = torchvision's IMAGENET1K_V2 weights
 SEED = 0
 PENALTY_DIR = REPO_ROOT / "datasets" / "imagenet_penalty"
+# --official: every official behaviour of Tokichan/CSAD CSAD.py, its known bugs included (test-set checkpoint
+# selection; teacher statistics as a mean of per-batch means). Its unseeded seed and HF-hub penalty images are not.
+OFFICIAL_FLAGS = {"select_on_test": True, "official_teacher_stats": True}
 
 log = get_logger("CSAD")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     g = p.add_argument_group("LGST")
@@ -47,7 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only measure batch-1 latency (ms/img) after warm-up, at 256 px unless --input-size")
     g.add_argument("--speed-runs", type=int, default=20)
     g.add_argument("--speed-warmup", type=int, default=5)
-    return p.parse_args(argv)
+    g.add_argument("--official-teacher-stats", action="store_true",
+                   help="official teacher normalisation: mean of per-batch channel means (batch 2, no drop_last), "
+                        "so with an odd image count the last image weighs double (default: the global mean)")
+    add_official_switch(p, OFFICIAL_FLAGS, help_extra="the official seed is unseeded and its penalty images come "
+                        "from the HF hub; --seed and --penalty-dir still apply")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def make_config(args):
@@ -56,6 +69,8 @@ def make_config(args):
     over = {k: v for k, v in dict(iterations=args.iterations, input_size=args.input_size, eval_freq=args.eval_freq,
                                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay).items()
             if v is not None}
+    if args.official_teacher_stats:
+        over["official_teacher_stats"] = True
     if args.no_padding:
         over["padding"] = False
     return LGSTConfig.fast(**over) if args.fast else LGSTConfig(**over)

@@ -19,6 +19,7 @@ from pathlib import Path
 from common import get_logger, pick_device, seed_everything, set_threads
 from common.cli import REPO_ROOT, add_common_args, ensure_writable_dir, make_parser, resolve_categories
 from common.errors import UserError, guard
+from common.official import add_official_switch
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of the dataset (the official script runs all five LOCO categories)
@@ -34,10 +35,13 @@ SAM_MODEL = "vit_h"
 FAST = dict(grounding_short_side=128, grounding_max_size=256, n_rotations=8, bandwidth_retries=10,
             sam_amg=dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0))
 
+# --official: every official behaviour of Tokichan/CSAD pseudo_label.py, its known bugs included.
+OFFICIAL_FLAGS = {"official_background_match": True, "amg_for_no_sam": True}
+
 log = get_logger("pseudo_label")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     p.add_argument("--masks-root", default=str(MASKS_ROOT), help="output root (default datasets/masks)")
@@ -63,7 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recluster", action="store_true",
                    help="redo clustering with cached masks and descriptors (e.g. with another --bandwidth)")
     p.add_argument("--max-batch", type=int, default=1024, help="crops per backbone forward (memory bound)")
-    return p.parse_args(argv)
+    add_official_switch(p, OFFICIAL_FLAGS, help_extra="its unseeded random projection is not (--seed applies)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def descriptor_backbone(args):

@@ -14,6 +14,7 @@ from pathlib import Path
 from common import get_logger, pick_device, seed_everything, set_threads
 from common.cli import REPO_ROOT, add_common_args, ensure_output_dirs, ensure_writable_dir, make_parser, resolve_categories
 from common.errors import UserError, guard
+from common.official import add_official_switch
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of the dataset
@@ -21,11 +22,14 @@ BACKBONE = "wide_resnet50_2_tv2"  # timm tv2_in1k = torchvision IMAGENET1K_V2, a
 SEED = 42  # the official seed
 MASKS_ROOT = REPO_ROOT / "datasets" / "masks"
 GOOD_FRACTION = 0.5  # component-maps labels: supervised share (stage 1 keeps the 50 % most typical images)
+# --official: every official behaviour of Tokichan/CSAD train_segmentor.py, its known bugs included. The official
+# CE on softmax outputs is already the default; its test-set model selection is not implemented.
+OFFICIAL_FLAGS = {"official_hole_fill": True, "official_lsa": True}
 
 log = get_logger("train_segmentor")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
     p.add_argument("--labels", choices=["pseudo", "component-maps"], default="pseudo",
@@ -39,10 +43,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--official-hole-fill", action="store_true",
                    help="official hole-fill re-merge that may permute or shift class ids")
     p.add_argument("--official-lsa", action="store_true",
-                   help="official LSA: one location for all attempts, mandatory paste even when none was accepted")
+                   help="official LSA: the component is never re-sampled, the mandatory paste happens even where no "
+                        "location was accepted, and the pasted label map is warped bilinearly (wrong ids on its edges)")
     p.add_argument("--epochs", type=int, default=None, help="override the epoch count (default 120, --fast 12)")
-    p.add_argument("--resolution", type=int, default=None, help="override the resolution (default 256, --fast 128)")
-    return p.parse_args(argv)
+    p.add_argument("--resolution", type=int, default=None, help="override the resolution (default 256, --fast 64)")
+    add_official_switch(p, OFFICIAL_FLAGS, help_extra="the official CE on softmax outputs is already the default, "
+                        "and the official test-set model selection is not implemented (the final epoch is kept)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def prepare_component_maps(args, category: str) -> None:

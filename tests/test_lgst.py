@@ -128,6 +128,20 @@ def test_official_teacher_stats_mean_of_batch_means_with_odd_n():
     torch.testing.assert_close(even_std, lgst.channel_stats(f[:4])[1])
 
 
+def test_csad_official_switch_turns_on_every_official_flag():
+    import CSAD
+    from common.official import official_flags_of
+
+    parser = CSAD.build_parser()
+    flags = official_flags_of(parser)
+    dests = {a.dest for a in parser._actions}
+    assert {"select_on_test", "official_teacher_stats"} | {d for d in dests if d.startswith("official_")} == set(flags)
+    off, on = CSAD.parse_args([]), CSAD.parse_args(["--official"])
+    assert not off.select_on_test and not CSAD.make_config(off).official_teacher_stats
+    assert on.select_on_test and CSAD.make_config(on).official_teacher_stats
+    assert CSAD.make_config(CSAD.parse_args(["--official-teacher-stats", "--fast"])).official_teacher_stats
+
+
 def test_color_augment_matches_torchvision():
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     out = lgst.color_augment(x, torch.Generator().manual_seed(7))

@@ -410,6 +410,29 @@ def test_train_step_runs_two_bn_passes_in_every_epoch(use_unsup):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("script", ["train_segmentor", "pseudo_label"])
+def test_official_switch_turns_on_every_official_flag(script):
+    import importlib
+    from common.official import official_flags_of
+
+    mod = importlib.import_module(script)
+    parser = mod.build_parser()
+    flags = official_flags_of(parser)
+    known = {"train_segmentor": {"official_hole_fill", "official_lsa"},
+             "pseudo_label": {"official_background_match", "amg_for_no_sam"}}[script]
+    dests = {a.dest for a in parser._actions}
+    # every official-behaviour option of the script is listed (a new --official-* flag must join the switch)
+    assert known | {d for d in dests if d.startswith("official_")} - {"official"} == set(flags)
+    off, on = mod.parse_args([]), mod.parse_args(["--official"])
+    assert not off.official and all(getattr(off, d) is False for d in flags)
+    assert on.official and all(getattr(on, d) is True for d in flags)
+    if script == "train_segmentor":
+        from methods.csad.segmentor import make_config
+
+        cfg = make_config("juice_bottle", official_hole_fill=on.official_hole_fill, official_lsa=on.official_lsa)
+        assert cfg.official_hole_fill and cfg.official_lsa and not cfg.ce_on_logits  # official CE is the default
+
+
 # --- network and checkpoint -------------------------------------------------------------------------------------
 
 def test_segmentor_head_size_and_checkpoint_roundtrip(tmp_path):
