@@ -232,3 +232,147 @@ def test_benchmark_mvtec_ad_layout_pixel_metrics(tmp_path):
     row = dict(zip(rows[0], rows[1]))
     assert float(row["pixel_auroc"]) == pytest.approx(100 * roc_auc_score(gts.ravel(), maps.ravel()), abs=1e-3)
     assert 50 < float(row["aupro"]) <= 100 and float(row["image_auroc"]) == pytest.approx(100.0)
+
+
+# --------------------------------------------------------------------------------------------- trust: refusals
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def _refused(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_performance.main([str(a) for a in args])
+    assert exit_info.value.code == 1
+    return _error_line(capsys)
+
+
+def _two_branches(tmp_path):
+    root = make_loco(tmp_path / "data")
+    data = read_category("mvtec_loco", "breakfast_box", root)
+    scores = tmp_path / "scores"
+    rng = np.random.default_rng(5)
+    _write_branch(data, "patchhist", scores, rng, 1.0)
+    _write_branch(data, "LGST", scores, rng, 1.0)
+    return root, data, scores
+
+
+def _loco_args(root, scores, out, *extra):
+    return ["--dataset", "mvtec_loco", "--data-root", root, "--score-dir", scores, "--out-dir", out, "--no-figures",
+            *extra]
+
+
+def test_benchmark_refuses_score_files_of_another_category_or_dataset(tmp_path, capsys):
+    root, data, scores = _two_branches(tmp_path)
+    # juice_bottle's files copied under breakfast_box's names: same image names, so only the index tells.
+    index = score_path("breakfast_box", "LGST", "logi", scores).with_suffix(".json")
+    meta = json.loads(index.read_text())
+    index.write_text(json.dumps(dict(meta, category="juice_bottle")))
+    last = _refused(capsys, *_loco_args(root, scores, tmp_path / "out", "--methods", "patchhist", "LGST"))
+    assert str(index) in last and "category 'juice_bottle', not 'breakfast_box'" in last
+    txt = (tmp_path / "out" / "score_combine_result.txt").read_text()
+    assert "('patchhist',) AUC:" in txt and "LGST" not in txt.split("BREAKFAST_BOX:")[1]
+
+    index.write_text(json.dumps(dict(meta, dataset="synthetic_loco")))
+    last = _refused(capsys, *_loco_args(root, scores, tmp_path / "out2", "--methods", "LGST"))
+    assert str(index) in last and "dataset 'synthetic_loco', not 'mvtec_loco'" in last
+
+
+@pytest.mark.parametrize("case", ["truncated", "two_d", "pickled", "not_npy", "bad_json", "json_list"])
+def test_benchmark_malformed_score_files_one_line_naming_the_file(tmp_path, capsys, case):
+    root, data, scores = _two_branches(tmp_path)
+    npy = score_path("breakfast_box", "LGST", "struc", scores)
+    n = len(np.load(npy))
+    if case == "truncated":
+        npy.write_bytes(npy.read_bytes()[:-20])
+    elif case == "two_d":
+        np.save(npy, np.zeros((n, 2)))
+    elif case == "pickled":
+        np.save(npy, np.array([{"a": 1}] * n, dtype=object), allow_pickle=True)
+    elif case == "not_npy":
+        npy.write_text("0.1\n0.2\n")
+    elif case == "bad_json":
+        npy.with_suffix(".json").write_text('{"images": [')
+    else:
+        npy.with_suffix(".json").write_text("[1, 2]")
+    last = _refused(capsys, *_loco_args(root, scores, tmp_path / "out", "--methods", "patchhist", "LGST"))
+    named = npy.with_suffix(".json") if case.endswith("json") or case == "json_list" else npy
+    assert str(named) in last and "re-run LGST" in last, last
+    assert last.startswith("error: 1 of the requested inputs refused or skipped (tables hold the rest); first: REFUSED")
+
+
+def _category_broken(root: Path, case: str) -> None:
+    cat = root / "breakfast_box"
+    if case == "no_defects_config":
+        (cat / "defects_config.json").unlink()
+    elif case == "bad_defects_config":
+        (cat / "defects_config.json").write_text("[{")
+    elif case == "mask_size":
+        mask = next((cat / "ground_truth").rglob("*.png"))
+        Image.fromarray(np.zeros((SIZE + 2, SIZE), np.uint8)).save(mask)
+    elif case == "no_ground_truth":
+        import shutil
+
+        shutil.rmtree(cat / "ground_truth" / "structural_anomalies")
+
+
+@pytest.mark.parametrize("case", ["no_defects_config", "bad_defects_config", "mask_size", "no_ground_truth"])
+def test_benchmark_dataset_problems_exit_nonzero_with_the_real_reason(tmp_path, capsys, case):
+    root, data, scores = _two_branches(tmp_path)
+    _category_broken(root, case)
+    last = _refused(capsys, *_loco_args(root, scores, tmp_path / "out"))
+    assert "SKIPPED category breakfast_box" in last and "run the method scripts first" not in last
+    want = {"no_defects_config": "defects_config.json not found", "bad_defects_config": "defects_config.json",
+            "mask_size": "masks must have the image's size", "no_ground_truth": "structural_anomalies"}[case]
+    assert want in last, last
+
+
+def test_benchmark_setup_errors_exit_nonzero(tmp_path, capsys):
+    root, data, scores = _two_branches(tmp_path)
+    out = tmp_path / "out"
+    last = _refused(capsys, *_loco_args(tmp_path / "nowhere", scores, out))
+    assert "dataset root not found" in last and str(tmp_path / "nowhere") in last
+    last = _refused(capsys, "--dataset", "mvtec_lcoo", "--data-root", root, "--score-dir", scores, "--out-dir", out)
+    assert "unknown dataset 'mvtec_lcoo'" in last
+    last = _refused(capsys, *_loco_args(root, scores, out, "--categories", "breakfast_box", "juice_botle"))
+    assert "juice_botle" in last and "SKIPPED category" in last
+    # A method asked for by name without score files; an empty score folder.
+    last = _refused(capsys, *_loco_args(root, scores, out, "--methods", "patchhist", "glass"))
+    assert "SKIPPED glass/breakfast_box: no score file" in last
+    last = _refused(capsys, *_loco_args(root, tmp_path / "empty", out))
+    assert "no score files found" in last and "run the method scripts first" in last
+    with pytest.raises(SystemExit) as exit_info:  # no abbreviated flags
+        benchmark_performance.main([str(a) for a in _loco_args(root, scores, out, "--no-fig")])
+    assert exit_info.value.code == 2
+
+
+def test_benchmark_warns_on_constant_scores(tmp_path, log_lines):
+    root = make_loco(tmp_path / "data")
+    data = read_category("mvtec_loco", "breakfast_box", root)
+    save_group_scores(data, "glass", {g: np.full(len(s), 0.25) for g, s in data.score_groups().items()},
+                      tmp_path / "scores")
+    _bench(root, tmp_path / "scores", tmp_path / "out", "--methods", "glass")  # usable input: exit 0
+    warned = [m for m in log_lines if m.startswith("WARNING glass/breakfast_box/logical: constant scores")]
+    assert len(warned) == 1 and "AUROC of 50 means nothing" in warned[0]
+    assert str(score_path("breakfast_box", "glass", "logi", tmp_path / "scores")) in warned[0]
+
+
+def test_benchmark_script_exit_status_and_no_traceback(tmp_path):
+    """As a user runs it: a refused file gives exit 1 and the file's name on the last line, no traceback."""
+    import subprocess
+    import sys
+
+    root, data, scores = _two_branches(tmp_path)
+    npy = score_path("breakfast_box", "LGST", "logi", scores)
+    npy.write_bytes(npy.read_bytes()[:40])
+    repo = Path(benchmark_performance.__file__).parent
+    proc = subprocess.run([sys.executable, str(repo / "benchmark_performance.py"),
+                           *map(str, _loco_args(root, scores, tmp_path / "out"))], capture_output=True, text=True,
+                          cwd=repo, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr + proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(npy) in last
+    assert "summary: 1 refused or skipped" in proc.stdout  # the log (stdout) ends with the summary
