@@ -54,6 +54,10 @@ def run_category(data: CategoryData, resolution: int, device: torch.device, scor
         groups["val"] = image_scores(val_maps, reduce).cpu().numpy()
     paths = save_group_scores(data, METHOD, groups, score_dir)
     LOG.info("%s: wrote %s", data.category, ", ".join(str(p) for p in paths))
+    from evaluation.metrics import group_aurocs  # for the log; benchmark_performance.py does the evaluation
+
+    LOG.info("%s: image AUROC %s", data.category, ", ".join(f"{g} {100 * a:.1f}%" for g, a in
+                                                        group_aurocs(data, groups).items()) or "n/a (no labels)")
     if write_maps:
         save_anomaly_maps(METHOD, data.category, data.test, test_maps.cpu().numpy(), score_dir)
         LOG.info("%s: wrote %d anomaly maps under %s/anomaly_maps/%s/%s", data.category, len(data.test), score_dir,
