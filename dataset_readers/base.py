@@ -117,7 +117,8 @@ def take_images(folder: Path, ignored: Ignored, numbered: bool = False) -> list[
         else:
             candidates.append(p)
     suffixes = [p.suffix for p in candidates]
-    common = max(set(suffixes), key=lambda x: (suffixes.count(x), x == x.lower())) if suffixes else ""
+    # sorted(set(...)): max() keeps the first of equal keys, so ties resolve the same way in every run
+    common = max(sorted(set(suffixes)), key=lambda x: (suffixes.count(x), x == x.lower())) if suffixes else ""
     by_stem: dict[str, list[Path]] = {}
     for p in candidates:
         by_stem.setdefault(p.stem.lower(), []).append(p)
