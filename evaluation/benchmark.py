@@ -581,4 +581,4 @@ def _figures(data: CategoryData, rows: list[Row], cfg: Config, prov: Provenance)
                                 curves={r.name: r.curves for r in rows})
         LOG.info("%s: %d figures under %s", data.category, len(written), Path(cfg.out_dir) / "figures")
     except Exception as exc:  # figures are a convenience; never lose the tables over them
-        LOG.info("%s: figures skipped (%s)", data.category, exc)
+        LOG.warning("WARNING %s: figures skipped (%s: %s)", data.category, type(exc).__name__, exc)

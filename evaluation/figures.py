@@ -101,13 +101,22 @@ def _outline(ax, s: Sample) -> None:
             ax.contour(gt.astype(float), levels=[0.5], colors=GT_COLOUR, linewidths=1.0)
 
 
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FPR and TPR at every distinct score (ties form one step), from (0, 0) to (1, 1); numpy only."""
+    labels = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each tie group
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0, fp] / max(fp[-1], 1), np.r_[0, tp] / max(tp[-1], 1)
+
+
 def roc_figure(data: CategoryData, curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], out_path: Path,
                caption: str = "", title_suffix: str = "") -> Path | None:
     """One panel per test group (logical / structural, or test), one ROC curve per experiment, fused ones dashed.
 
     curves: experiment name -> group -> (scores, labels), the scores the benchmark evaluated."""
-    from sklearn.metrics import roc_curve
-
     from evaluation.metrics import image_auroc
 
     by_group: dict[str, list] = {}

@@ -376,3 +376,17 @@ def test_benchmark_script_exit_status_and_no_traceback(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(npy) in last
     assert "summary: 1 refused or skipped" in proc.stdout  # the log (stdout) ends with the summary
+
+
+def test_figure_roc_curve_equals_sklearn_with_ties():
+    from sklearn.metrics import roc_curve as sk_roc
+
+    from evaluation.figures import roc_curve
+
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        labels, s = rng.integers(0, 2, 40), rng.integers(0, 5, 40).astype(float)  # heavy ties
+        fpr, tpr = roc_curve(labels, s)
+        sk_fpr, sk_tpr, _ = sk_roc(labels, s, drop_intermediate=False)
+        np.testing.assert_allclose(fpr, sk_fpr)
+        np.testing.assert_allclose(tpr, sk_tpr)
