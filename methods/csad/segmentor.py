@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -16,7 +16,9 @@ from scipy.ndimage import binary_fill_holes
 from tqdm import tqdm
 
 from common import get_logger
+from common.checkpoints import META_KEY, checkpoint_meta
 from dataset_readers import CategoryData, Sample, image_size, load_image
+from methods.knn import NonFiniteError, require_finite, weights_cause
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform, make_loader
 from methods.csad import label_layout as layout
 from methods.csad.patch_histogram import PatchHistogram, class_histograms
@@ -489,6 +491,8 @@ def train_segmentor(ts: TrainingSet, encoder: Encoder, cfg: SegmentorConfig, see
     t0 = time.perf_counter()
     with torch.no_grad():
         train_feats = encoder.encode_uint8(ts.images, cfg.eval_batch)
+    for k, v in train_feats.items():  # uint8 images are finite: non-finite features come from the weights
+        require_finite(v, f"encoder {k} features of the training images", weights_cause(encoder.extractor.backbone))
     log.info("%s: cached encoder features of %d training images in %.1f s", desc, len(ts.images), time.perf_counter() - t0)
     sup_labels = torch.from_numpy(np.stack([ts.labels[int(i)] for i in ts.sup])).to(dev).long()
     sup_hists = class_histograms(sup_labels, ts.num_classes, 1, keep_background=True)
@@ -530,7 +534,9 @@ def train_segmentor(ts: TrainingSet, encoder: Encoder, cfg: SegmentorConfig, see
         epoch_times.append(time.perf_counter() - t_epoch)
         losses.append(total / max(iters, 1))
         if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"{desc}: loss is {losses[-1]} at epoch {epoch}; lower --lr")
+            raise NonFiniteError(f"{desc}: training diverged, the loss is {losses[-1]} at epoch {epoch} although the "
+                                 f"encoder features are finite (the weights and images are fine); lower --lr "
+                                 f"(now {cfg.lr:g})")
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     model.eval()
     return TrainResult(model, epoch_times, losses, train_feats)
@@ -594,7 +600,10 @@ def run_category(data: CategoryData, encoder: Encoder, backbone_name: str, cfg: 
              len(ts.unsup), ts.num_classes, r, r, cfg.epochs)
     res = train_segmentor(ts, encoder, cfg, seed=seed, desc=f"{cat} segmentor")
     ckpt = segmentor_path(ckpt_dir, cat, r)
-    save_segmentor(ckpt, res.model, backbone_name, r, epochs=cfg.epochs)
+    # written once, after the last epoch: a killed run leaves no checkpoint
+    meta = checkpoint_meta(method="segmentor", dataset=data.dataset, category=cat, model=encoder.extractor.backbone,
+                           config=asdict(cfg), train_samples=data.train, finished=True, seed=seed)
+    save_segmentor(ckpt, res.model, backbone_name, r, epochs=cfg.epochs, **{META_KEY: meta})
     log.info("%s: saved %s (final epoch %d, mean epoch %.2f s)", cat, ckpt, cfg.epochs, float(np.mean(res.epoch_times)))
 
     # Patch Histogram: fit on all training images (un-augmented, cached features), normalise with validation.
