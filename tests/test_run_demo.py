@@ -77,6 +77,19 @@ def test_demo_graph_keeps_the_order_csad_needs(tmp_path, monkeypatch):
     assert "pseudo_label" not in by["train_segmentor"].after and by["benchmark"].after[-1] == "train_segmentor"
 
 
+def test_long_steps_run_per_category_when_jobs_allow(tmp_path):
+    args = run_demo.parse_args(["--weights", "random", "--seed", "3"])
+    by = {s.name: s for s in run_demo.build_steps(args, jobs=2)}
+    assert {"CSAD:synth_box", "CSAD:synth_bottle", "sinbad:synth_box", "sinbad:synth_bottle"} <= set(by)
+    assert "CSAD" not in by and "sinbad" not in by
+    cmd = by["CSAD:synth_bottle"].cmd
+    assert cmd[cmd.index("--categories") + 1:] == ["synth_bottle"] and cmd[cmd.index("--seed") + 1] == "3"
+    assert {"CSAD:synth_box", "CSAD:synth_bottle", "sinbad:synth_box"} <= set(by["benchmark"].after)
+    assert list(by)[0] == "generate"
+    one = {s.name for s in run_demo.build_steps(args, jobs=1)}
+    assert "CSAD" in one and "CSAD:synth_box" not in one
+
+
 def test_full_run_without_dtd_stops_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(run_demo, "DTD_ROOT", tmp_path / "dtd" / "images")
     args = run_demo.parse_args(["--full", "--dataset", "mvtec_loco"])
@@ -87,7 +100,7 @@ def test_full_run_without_dtd_stops_before_any_work(tmp_path, monkeypatch):
 
 
 def test_failing_step_gives_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
-    def fake_steps(args, py=PY):
+    def fake_steps(args, py=PY, jobs=1):
         return [py_step("sinbad", "import sys; print('error: dataset root not found: /x', file=sys.stderr); "
                                   "sys.exit(1)"),
                 py_step("benchmark", "pass", after=["sinbad"])]
