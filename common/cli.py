@@ -32,8 +32,9 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str) -> Path:
         os.unlink(probe)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise UserError(f"{flag} {folder} is not writable ({reason}); fix its permissions or pass another "
-                        f"{flag}") from None
+        fix = ("a part of that path is a file" if isinstance(exc, (NotADirectoryError, FileExistsError)) else
+               "fix its permissions")
+        raise UserError(f"{flag} {folder} is not writable ({reason}); {fix}, or pass another {flag}") from None
     return folder
 
 

@@ -649,7 +649,8 @@ def generate(root: str | os.PathLike = DEFAULT_ROOT, size: int = 256, n_train: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate the built-in synthetic MVTec LOCO-style dataset.")
+    parser = argparse.ArgumentParser(description="Generate the built-in synthetic MVTec LOCO-style dataset.",
+                                     allow_abbrev=False)  # '--n 5' must not silently mean --n-train
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="output folder (default: datasets/synthetic_loco)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--n-train", type=int, default=60)
@@ -660,6 +661,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--component-maps", action="store_true", help="also write the true component class maps")
     parser.add_argument("--force", action="store_true", help="regenerate categories that already exist")
     args = parser.parse_args(argv)
+    from common.cli import ensure_writable_dir
+    from common.errors import UserError
+
+    try:
+        ensure_writable_dir(args.root, "--root")
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
     t0 = time.perf_counter()
     try:
         root = generate(args.root, args.size, args.n_train, args.n_val, args.n_test, args.seed, args.categories,

@@ -67,12 +67,19 @@ def generate(root: str | Path, per_class: int = 12, size: int = 256, seed: int =
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     p.add_argument("--root", default=str(Path(__file__).resolve().parent.parent / "datasets" / "synthetic_textures"))
     p.add_argument("--per-class", type=int, default=12)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    from common.cli import ensure_writable_dir
+    from common.errors import UserError
+
+    try:
+        ensure_writable_dir(args.root, "--root")
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
     t0 = time.time()
     root = generate(args.root, args.per_class, args.size, args.seed)
     print(f"{len(KINDS) * args.per_class} synthetic textures in {root} ({time.time() - t0:.1f} s)")
