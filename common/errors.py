@@ -46,7 +46,12 @@ def guard(main: Callable) -> Callable:
         try:
             return main(*args, **kwargs)
         except UserError as exc:
-            msg = " ".join(str(exc).split())  # one line, whatever the message holds
+            text = str(exc)
+            if "\nOriginal Traceback" in text:  # re-raised from a DataLoader worker: keep the original message
+                last = text.rstrip().splitlines()[-1]
+                head, _, rest = last.partition(": ")
+                text = rest if head.rsplit(".", 1)[-1] == type(exc).__name__ else last
+            msg = " ".join(text.split())  # one line, whatever the message holds
             print(f"error: {msg}", file=sys.stderr, flush=True)
             raise UserExit(msg) from None
         except KeyboardInterrupt:

@@ -332,3 +332,29 @@ def test_pseudo_label_category_independent_of_list(tmp_path, lite0_weights):
             pa = L.image_dir("synth_box", stem, tmp_path / "alone") / name
             pb = L.image_dir("synth_box", stem, tmp_path / "both") / name
             assert pa.read_bytes() == pb.read_bytes(), (stem, name)
+
+
+class _CorruptDataset:
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise DatasetError("cannot read image /data/001.png (image file is truncated); re-download or remove the file")
+
+
+def test_worker_error_stays_one_line(capsys):
+    """A DatasetError raised in a DataLoader worker (--workers > 0) carries the worker's traceback as text; the
+    guard prints only the original message."""
+    import torch
+
+    from common.errors import guard
+
+    @guard
+    def main():
+        list(torch.utils.data.DataLoader(_CorruptDataset(), num_workers=1))
+
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: cannot read image /data/001.png (image file is truncated); re-download or remove the file"
