@@ -130,7 +130,8 @@ def test_visa_reader_on_the_official_1cls_csv(tmp_path):
 def official_mvtec(cat_dir: Path, split: str) -> list[tuple[str, str, str | None]]:
     """patchcore-inspection src/patchcore/datasets/mvtec.py and GLASS datasets/mvtec.py (MVTecDataset, used for
     MVTec AD, MPDD, WFDD and MAD): defect folders from os.listdir, iterated in sorted order; files sorted(os.listdir);
-    masks sorted(os.listdir(ground_truth/<defect>)) paired by position. Returns (defect, image, mask)."""
+    masks sorted(os.listdir(ground_truth/<defect>)) paired by position (masks[i] for image i, as the official
+    `data_to_iterate` loop does). Returns (defect, image, mask)."""
     out = []
     classpath = cat_dir / split
     for anomaly in sorted(os.listdir(classpath)):
@@ -139,7 +140,7 @@ def official_mvtec(cat_dir: Path, split: str) -> list[tuple[str, str, str | None
         if split == "test" and anomaly != "good":
             masks = [str(cat_dir / "ground_truth" / anomaly / x)
                      for x in sorted(os.listdir(cat_dir / "ground_truth" / anomaly))]
-        out += [(anomaly, f, m) for f, m in zip(files, masks)]
+        out += [(anomaly, f, masks[i]) for i, f in enumerate(files)]
     return out
 
 
@@ -169,16 +170,23 @@ def test_mvtec_layout_readers_equal_the_official_mvtec_dataset(tmp_path, dataset
 
 
 def test_mvtec_layout_where_the_official_pairing_by_position_breaks(tmp_path):
-    """One mask missing: the official reader pairs masks by position (zip stops short, later images get their
-    neighbour's mask); ours pairs by name and stops with a one-line error naming the missing mask."""
+    """The official reader pairs masks by position: an extra file in ground_truth/<defect> silently shifts the
+    masks of the later images, a missing mask crashes it (IndexError). Ours pairs by name: the right mask, or a
+    one-line error naming the missing one."""
     from dataset_readers import DatasetError
 
     cat = tmp_path / "bottle"
     _make_mvtec(cat, {"crack": 3})
+    _touch(cat / "ground_truth" / "crack" / "000_mask_old.png", MASK)  # a stray extra mask
+    ref = [(Path(f).name, Path(m).name) for d, f, m in official_mvtec(cat, "test") if d == "crack"]
+    assert ref == [("000.png", "000_mask.png"), ("001.png", "000_mask_old.png"), ("002.png", "001_mask.png")]
+    ours = [(Path(s.path).name, Path(s.mask_paths[0]).name) for s in read_category("mvtec_ad", "bottle", tmp_path).test
+            if s.defect_type == "crack"]
+    assert ours == [("000.png", "000_mask.png"), ("001.png", "001_mask.png"), ("002.png", "002_mask.png")]
     (cat / "ground_truth" / "crack" / "001_mask.png").unlink()
-    ref = official_mvtec(cat, "test")
-    crack = [(Path(f).name, Path(m).name) for d, f, m in ref if d == "crack"]
-    assert crack == [("000.png", "000_mask.png"), ("001.png", "002_mask.png")]  # misaligned, one image dropped
+    (cat / "ground_truth" / "crack" / "000_mask_old.png").unlink()
+    with pytest.raises(IndexError):
+        official_mvtec(cat, "test")
     with pytest.raises(DatasetError, match="001"):
         read_category("mvtec_ad", "bottle", tmp_path)
 
