@@ -15,15 +15,25 @@ def read_defects_config(path: Path) -> list[dict]:
         raise DatasetError(f"defects_config.json not found: {path} (every MVTec LOCO category ships one)")
     try:
         entries = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"cannot parse {path}: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot parse {path}: {exc}; restore the file from the dataset archive") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path} ({exc.strerror}); fix its permissions") from None
+    if not isinstance(entries, list) or not entries:
+        raise DatasetError(f"{path} must be a non-empty JSON list of defect entries; restore it from the dataset archive")
     for e in entries:
+        if not isinstance(e, dict):
+            raise DatasetError(f"{path}: entry {e!r} is not a JSON object; restore the file from the dataset archive")
         missing = {"defect_name", "pixel_value", "saturation_threshold", "relative_saturation"} - set(e)
         if missing:
             raise DatasetError(f"{path}: entry {e} lacks {sorted(missing)}")
-        if not 1 <= int(e["pixel_value"]) <= 255:
+        try:
+            value, threshold = int(e["pixel_value"]), float(e["saturation_threshold"])
+        except (TypeError, ValueError):
+            raise DatasetError(f"{path}: entry {e} has a non-numeric pixel_value or saturation_threshold") from None
+        if not 1 <= value <= 255:
             raise DatasetError(f"{path}: pixel_value {e['pixel_value']} outside 1..255")
-        if e["relative_saturation"] and not 0.0 < float(e["saturation_threshold"]) <= 1.0:
+        if e["relative_saturation"] and not 0.0 < threshold <= 1.0:
             raise DatasetError(f"{path}: relative saturation_threshold {e['saturation_threshold']} outside (0, 1]")
     return entries
 

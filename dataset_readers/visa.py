@@ -15,8 +15,16 @@ def read_visa(root: Path, category: str, dataset: str = "visa", check_sizes: boo
     csv_path = root / "split_csv" / "1cls.csv"
     if not csv_path.is_file():
         raise DatasetError(f"VisA split file not found: {csv_path} (download split_csv/1cls.csv from amazon-science/spot-diff)")
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["object"] == category]
+    try:
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"object", "split", "label", "image", "mask"} - set(reader.fieldnames or [])
+            if missing:
+                raise DatasetError(f"{csv_path} lacks the column(s) {sorted(missing)}; download split_csv/1cls.csv "
+                                   "again from amazon-science/spot-diff")
+            rows = [r for r in reader if r["object"] == category]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"cannot read {csv_path} ({exc}); download split_csv/1cls.csv again") from None
     if not rows:
         raise DatasetError(f"category '{category}' has no rows in {csv_path}")
     train, test = [], []
