@@ -345,3 +345,16 @@ def test_official_bn_update_equals_one_train_mode_forward_of_ones():
     torch.testing.assert_close(net.bn1.running_var,
                                0.9 * before["bn1.running_var"] + 0.1 * y.var((0, 2, 3), unbiased=True))
     assert int(got["bn1.num_batches_tracked"]) == int(before["bn1.num_batches_tracked"]) + 1
+
+
+def test_saved_bank_refused_with_another_input_filter(synth_run, capsys):
+    """A bank embedded with LANCZOS input must not be scored with bilinear input (or the BN update): the saved
+    config records both."""
+    _, _, common, _ = synth_run
+    for extra in (["--resize-filter", "bilinear"], ["--method", "patchcore", "--official"]):
+        with pytest.raises(SystemExit) as exc:
+            sapatchcore.main(common + (["--method", "sapatchcore"] if "--method" not in extra else []) + extra +
+                             ["--load-bank", "--no-maps"])
+        assert exc.value.code == 1
+        err = capsys.readouterr().err
+        assert ("resample" in err) or ("official_bn_update" in err), err
