@@ -28,9 +28,13 @@ def pick_device(name: str = "auto"):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was given but no CUDA device is available; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device '{name}'; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible; use cuda:0.."
+                        f"{torch.cuda.device_count() - 1}")
+    return device
 
 
 def set_threads(n: int | None = None) -> None:
