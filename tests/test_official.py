@@ -101,3 +101,20 @@ def test_sapatchcore_bn_update_is_patchcore_only(capsys):
     assert exc.value.code == 1 and "--method patchcore" in capsys.readouterr().err
     # --official with the SA-PatchCore method: the official SA-PatchCore has no such update, nothing to restore
     assert sapatchcore.parse_args(["--official"]).official_bn_update is True  # turned off in main, not at parse
+
+
+def test_official_reaches_each_method_config():
+    """--official is not only parsed: it ends up in the configuration each script builds."""
+    from methods.patchcore import defaults_for
+
+    a = sapatchcore.parse_args(["--official", "--method", "patchcore"])
+    assert defaults_for(a.method, official_bn_update=a.official_bn_update or None).official_bn_update is True
+    assert defaults_for("patchcore").official_bn_update is False
+    cfg = glass.build_config(glass.parse_args(["--official"]))
+    assert cfg.select_on_test and cfg.official_judge_grid
+    cfg = glass.build_config(glass.parse_args(["--official", "--fast"]))
+    assert cfg.select_on_test and cfg.official_judge_grid and cfg.meta_epochs == 20
+    assert not glass.build_config(glass.parse_args([])).official_judge_grid
+    assert sinbad.make_config(sinbad.parse_args(["--official"])).official_thresholds is True
+    assert sinbad.make_config(sinbad.parse_args(["--official", "--fast"])).official_thresholds is True
+    assert sinbad.make_config(sinbad.parse_args([])).official_thresholds is False
