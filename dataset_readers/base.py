@@ -77,6 +77,13 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise DatasetError(f"cannot list folder {folder} ({exc.strerror}); fix its permissions") from None
+
+
 class Ignored:
     """What a reader saw under a category folder but did not take; reported in one warning line per category."""
 
@@ -91,7 +98,7 @@ class Ignored:
     def extra_entries(self, folder: Path, keep: set[str]) -> None:
         """Every visible entry of `folder` whose name is not in `keep` (e.g. files directly in train/)."""
         if folder.is_dir():
-            for p in sorted(folder.iterdir()):
+            for p in _entries(folder):
                 if not p.name.startswith(".") and p.name not in keep:
                     self.add(p)
 
@@ -105,7 +112,7 @@ def take_images(folder: Path, ignored: Ignored, numbered: bool = False) -> list[
     score files and masks are keyed by stem. Hidden files (.DS_Store) are skipped without a word.
     """
     candidates = []
-    for p in sorted(folder.iterdir()):
+    for p in _entries(folder):
         if p.name.startswith("."):
             continue
         if p.is_dir():
