@@ -124,7 +124,7 @@ def roc_figure(data: CategoryData, curves: Mapping[str, Mapping[str, tuple[np.nd
         for g, (s, labels) in groups.items():
             labels = np.asarray(labels)
             if 0 < labels.sum() < len(labels):
-                fpr, tpr, _ = roc_curve(labels, s)
+                fpr, tpr = roc_curve(labels, s)
                 by_group.setdefault(g, []).append((name, fpr, tpr, image_auroc(s, labels)))
     if not by_group:
         return None
