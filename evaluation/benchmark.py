@@ -93,6 +93,14 @@ def sinbad_levels(category: str, score_dir: Path) -> list[str]:
     return sorted(names, key=lambda n: int(SINBAD_LEVEL.match(n).group(1)))
 
 
+def pair_combo(pair: str) -> tuple[str, ...]:
+    """'CSAD+SINBAD' -> ('patchhist', 'LGST', 'sinbad'): families expanded, duplicates dropped."""
+    branches: list[str] = []
+    for part in pair.split("+"):
+        branches += list(ALIASES.get(part, (part,)))
+    return tuple(dict.fromkeys(branches))
+
+
 def experiments(category: str, methods: Sequence[str], pairs: Sequence[str], score_dir: Path) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = []
     csad = [b for b in CSAD_BRANCHES if b in methods]
@@ -101,10 +109,7 @@ def experiments(category: str, methods: Sequence[str], pairs: Sequence[str], sco
         out += subsets(sinbad_levels(category, score_dir))
     out += [(m,) for m in methods if m not in CSAD_BRANCHES and (m,) not in out]
     for pair in pairs:
-        branches: list[str] = []
-        for part in pair.split("+"):
-            branches += list(ALIASES.get(part, (part,)))
-        combo = tuple(dict.fromkeys(branches))
+        combo = pair_combo(pair)
         if combo not in out:
             out.append(combo)
     return out
@@ -484,6 +489,7 @@ def run(cfg: Config) -> tuple[list[Row], list[str]]:
     test_sets: dict[str, dict[str, int]] = {}
     is_loco = None
     done_categories = []
+    asked_pairs = {pair_combo(p) for p in cfg.pairs}  # asked for by name: a pair that cannot be evaluated fails
     for cat in cfg.categories:
         try:
             data = read_category(cfg.dataset, cat, cfg.data_root)
@@ -515,6 +521,12 @@ def run(cfg: Config) -> tuple[list[Row], list[str]]:
             if row is not None:
                 rows.append(row)
                 present.append(row)
+            elif combo in asked_pairs and not cfg.official_image_score:
+                missing = [b for b in combo if scores.branch(b) is None]
+                msg = (f"SKIPPED --pairs {'+'.join(combo)}/{cat}: "
+                       + (f"no usable score files for {', '.join(missing)}" if missing else "see the lines above"))
+                LOG.error(msg)
+                problems.append(msg)
         if present:
             done_categories.append(cat)
         elif cfg.explicit_categories and not any(p.split(":")[0].endswith(f"/{cat}") for p in problems):

@@ -390,3 +390,10 @@ def test_figure_roc_curve_equals_sklearn_with_ties():
         sk_fpr, sk_tpr, _ = sk_roc(labels, s, drop_intermediate=False)
         np.testing.assert_allclose(fpr, sk_fpr)
         np.testing.assert_allclose(tpr, sk_tpr)
+
+
+def test_benchmark_pair_without_score_files_is_a_failure(tmp_path, capsys):
+    root, data, scores = _two_branches(tmp_path)
+    last = _refused(capsys, *_loco_args(root, scores, tmp_path / "out", "--pairs", "CSAD+SINBAD"))
+    assert "SKIPPED --pairs patchhist+LGST+sinbad/breakfast_box: no usable score files for sinbad" in last
+    assert "('patchhist', 'LGST') AUC:" in (tmp_path / "out" / "score_combine_result.txt").read_text()
