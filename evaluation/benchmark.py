@@ -552,6 +552,9 @@ def run(cfg: Config) -> tuple[list[Row], list[str]]:
     if problems:
         raise BenchmarkError(f"{len(problems)} of the requested inputs refused or skipped"
                              f"{' (tables hold the rest)' if rows else ''}; first: {problems[0]}")
+    if not test_sets:  # every default category absent: the root is the wrong folder, not a missing run
+        raise BenchmarkError(f"none of the {cfg.dataset} categories ({', '.join(cfg.categories)}) found under "
+                             f"{dataset_root(cfg.dataset, cfg.data_root)}; check --data-root")
     if not rows:
         raise BenchmarkError(f"no score files found in {cfg.score_dir} for {cfg.dataset} "
                              f"({', '.join(cfg.categories)}); run the method scripts first")

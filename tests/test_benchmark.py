@@ -334,6 +334,9 @@ def test_benchmark_setup_errors_exit_nonzero(tmp_path, capsys):
     out = tmp_path / "out"
     last = _refused(capsys, *_loco_args(tmp_path / "nowhere", scores, out))
     assert "dataset root not found" in last and str(tmp_path / "nowhere") in last
+    (tmp_path / "wrong").mkdir()  # a root without any of the categories: not "run the method scripts first"
+    last = _refused(capsys, *_loco_args(tmp_path / "wrong", scores, out))
+    assert "none of the mvtec_loco categories" in last and "check --data-root" in last
     last = _refused(capsys, "--dataset", "mvtec_lcoo", "--data-root", root, "--score-dir", scores, "--out-dir", out)
     assert "unknown dataset 'mvtec_lcoo'" in last
     last = _refused(capsys, *_loco_args(root, scores, out, "--categories", "breakfast_box", "juice_botle"))
