@@ -378,3 +378,23 @@ def test_glass_test_only_refuses_unfinished_foreign_and_other_settings(glass_run
     with pytest.raises(SystemExit):
         glass.main(args + ["--ckpt-dir", str(out / "c0"), "--epochs", "3"])
     assert "meta_epochs=2 (this run: 3)" in _error_line(capsys)
+
+
+def test_lgst_nan_teacher_names_the_weights_and_a_nan_loss_says_diverged(lite0_weights):
+    from methods.csad import lgst
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g)
+    cfg = lgst.LGSTConfig(input_size=64, channels=16, student_width=8, ae_base=16, iterations=2, eval_freq=2)
+    model = lgst.build_model(_poisoned(lite0_weights, "nan"), cfg, 0)
+    with pytest.raises(NonFiniteError) as exc:
+        lgst.train(model, train, train[:2], torch.device("cpu"), seed=0)
+    msg = str(exc.value)
+    assert "teacher features" in msg and Path(lite0_weights).name in msg and "lower --lr" not in msg
+    # finite teacher, absurd learning rate: the message says the training diverged, not the data
+    from models.backbones import load_backbone
+
+    model = lgst.build_model(load_backbone(LITE0, lite0_weights), lgst.LGSTConfig(
+        input_size=64, channels=16, student_width=8, ae_base=16, iterations=5, eval_freq=5, lr=1e30), 0)
+    with pytest.raises(NonFiniteError, match=r"diverged.*lower --lr \(now 1e\+30\)"):
+        lgst.train(model, train, train[:2], torch.device("cpu"), seed=0)
