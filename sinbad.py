@@ -17,7 +17,7 @@ from common.official import add_official_switch
 from dataset_readers import read_category
 from evaluation.score_files import save_group_scores, scores_for_samples
 from methods.sinbad import (CROP_RATIOS, LEVELS, PIXEL_LEVEL, DEEP_LAYERS, SinbadConfig, crop_counts, ensemble,
-                            load_unit, run_unit, save_unit, unit_path, with_validation, work_dir)
+                            load_unit, run_units, save_unit, unit_path, with_validation, work_dir)
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of --dataset
@@ -107,9 +107,15 @@ def main(argv=None) -> dict:
         from models.backbones import load_backbone
         from models.feature_extractor import FeatureExtractor
 
-        # one backbone per deep level, so level 14 stops after layer3 instead of running to layer4
-        for lv in sorted({lv for lv, _ in units if lv != PIXEL_LEVEL}):
-            extractors[lv] = FeatureExtractor(load_backbone(args.backbone, args.weights), [DEEP_LAYERS[lv]]).to(device)
+        deep = sorted({lv for lv, _ in units if lv != PIXEL_LEVEL})
+        if args.benchmark:  # one backbone per deep level, so that each level's time is its own
+            for lv in deep:
+                extractors[lv] = FeatureExtractor(load_backbone(args.backbone, args.weights),
+                                                  [DEEP_LAYERS[lv]]).to(device)
+        elif deep:  # one pass to the deepest layer serves every deep level (the same crops); same scores
+            shared = FeatureExtractor(load_backbone(args.backbone, args.weights),
+                                      [DEEP_LAYERS[lv] for lv in deep]).to(device)
+            extractors = {lv: shared for lv in deep}
     from common.provenance import start_from_args, weights_record  # the run record every score file carries
 
     bb = next((e.backbone for e in extractors.values() if hasattr(e, "backbone")), None)
@@ -122,15 +128,14 @@ def main(argv=None) -> dict:
         raw = read_category(args.dataset, category, args.data_root)
         data = with_validation(raw, VAL_HOLDOUT)
         unit_scores = {}
-        for lv, n_crops in units:
-            path = unit_path(args.score_dir, category, lv, n_crops)
-            if not args.ensemble_only:
-                res = run_unit(data, lv, n_crops, cfg, extractors.get(lv), device, log)
-                save_unit(path, res, data, cfg, {"level": lv, "crops": n_crops, "dataset": args.dataset,
-                                                 "backbone": args.backbone, "category": category})
+        for levels, n_crops in ([] if args.ensemble_only else unit_groups(units, shared=not args.benchmark)):
+            for lv, res in run_units(data, levels, n_crops, cfg, extractors.get(levels[0]), device, log).items():
+                save_unit(unit_path(args.score_dir, category, lv, n_crops), res, data, cfg,
+                          {"level": lv, "crops": n_crops, "dataset": args.dataset, "backbone": args.backbone,
+                           "category": category})
                 bench[f"{category}/L{lv}_c{n_crops}"] = res["timing"]
-            if not args.units_only:
-                unit_scores[(lv, n_crops)] = load_unit(path, data)
+        for lv, n_crops in ([] if args.units_only else units):
+            unit_scores[(lv, n_crops)] = load_unit(unit_path(args.score_dir, category, lv, n_crops), data)
         if args.units_only:
             continue
         check_compatible(unit_scores)
@@ -148,6 +153,16 @@ def main(argv=None) -> dict:
     if args.benchmark:
         write_benchmark(args, bench)
     return results
+
+
+def unit_groups(units: list[tuple[int, int]], shared: bool = True) -> list[tuple[list[int], int]]:
+    """(levels, crop count) to run together: the deep levels of one crop count share their crops and backbone
+    pass; the pixel level and, without `shared`, every unit run alone."""
+    groups: dict[tuple, list[int]] = {}
+    for lv, n_crops in units:
+        key = ("deep", n_crops) if shared and lv != PIXEL_LEVEL else (lv, n_crops)
+        groups.setdefault(key, []).append(lv)
+    return [(levels, key[1]) for key, levels in groups.items()]
 
 
 def check_compatible(unit_scores: dict) -> None:

@@ -25,7 +25,7 @@ from common.io import atomic_path
 from dataset_readers.base import CategoryData, Sample
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, make_loader
 from evaluation.score_files import safe_category, sample_key
-from methods.knn import knn
+from methods.knn import knn, require_finite, weights_cause
 
 DEEP_LAYERS = {7: "layer4", 14: "layer3", 28: "layer2", 56: "layer1"}  # level = cells per side at 224 px
 PIXEL_LEVEL = 224
@@ -228,15 +228,29 @@ def encode(samples: Sequence[Sample], level: int, n_crops: int, cfg: SinbadConfi
            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Stream images -> descriptors (N_img, K, R*P*Q) and the per-position thresholds (fitted on the first batch
     where `thresholds` is None)."""
+    descs, thrs = encode_levels(samples, [level], n_crops, cfg, extractor, device, {level: projections},
+                                None if thresholds is None else {level: thresholds}, desc)
+    return descs[level], thrs[level]
+
+
+def encode_levels(samples: Sequence[Sample], levels: Sequence[int], n_crops: int, cfg: SinbadConfig, extractor,
+                  device: torch.device, projections: dict[int, list[torch.Tensor]],
+                  thresholds: dict[int, list[torch.Tensor | None]] | None = None, desc: str = ""
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, list[torch.Tensor]]]:
+    """`encode` for several levels that share a crop grid (the deep levels with one crop count): each image is
+    read once and each crop goes through the backbone once, the extractor returning every level's layer."""
     from tqdm import tqdm
 
-    unit_crops(level, n_crops, cfg)  # checks the crop count before any image is read
-    thresholds = list(thresholds) if thresholds is not None else [None] * n_crops
+    for lv in levels:
+        unit_crops(lv, n_crops, cfg)  # checks the crop count before any image is read
+    thresholds = {lv: list(thresholds[lv]) if thresholds is not None else [None] * n_crops for lv in levels}
     loader = make_loader(samples, CanvasTransform(cfg.canvas), batch_size=cfg.batch_size)
-    out = []
+    out: dict[int, list[torch.Tensor]] = {lv: [] for lv in levels}
     for canvases, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        out.append(describe_canvases(canvases.to(device), level, n_crops, cfg, extractor, projections, thresholds))
-    return torch.cat(out), thresholds
+        d = describe_levels(canvases.to(device), levels, n_crops, cfg, extractor, projections, thresholds)
+        for lv in levels:
+            out[lv].append(d[lv])
+    return {lv: torch.cat(v) for lv, v in out.items()}, thresholds
 
 
 def unit_crops(level: int, n_crops: int, cfg: SinbadConfig) -> tuple[int, list[tuple[int, int]]]:
@@ -252,19 +266,31 @@ def describe_canvases(canvases: torch.Tensor, level: int, n_crops: int, cfg: Sin
                       projections: list[torch.Tensor], thresholds: list[torch.Tensor | None]) -> torch.Tensor:
     """Canvases (B, 3, canvas, canvas) on the device -> descriptors (B, K, R*P*Q) on the CPU. `thresholds` is
     updated in place where an entry is None (fitted on this batch). Also the benchmark's inference path."""
-    side, corners = unit_crops(level, n_crops, cfg)
-    per_pos = []
+    return describe_levels(canvases, [level], n_crops, cfg, extractor, {level: projections}, {level: thresholds})[level]
+
+
+def describe_levels(canvases: torch.Tensor, levels: Sequence[int], n_crops: int, cfg: SinbadConfig, extractor,
+                    projections: dict[int, list[torch.Tensor]], thresholds: dict[int, list[torch.Tensor | None]]
+                    ) -> dict[int, torch.Tensor]:
+    """describe_canvases for levels with one crop grid; one backbone pass per crop serves all deep levels."""
+    grids = {(side, tuple(corners)) for side, corners in (unit_crops(lv, n_crops, cfg) for lv in levels)}
+    if len(grids) != 1:
+        raise ValueError(f"levels {list(levels)} with {n_crops} crops do not share a crop grid")
+    side, corners = grids.pop()
+    per_pos: dict[int, list[torch.Tensor]] = {lv: [] for lv in levels}
+    deep = any(lv != PIXEL_LEVEL for lv in levels)
     for k, (y, x) in enumerate(corners):
         sets = crops_to_sets(canvases, y, x, side, cfg.set_res)
-        if level == PIXEL_LEVEL:
-            feats = sets
-        else:
-            feats = extractor(sets)[DEEP_LAYERS[level]]
-        elements = feats.flatten(2).transpose(1, 2).float()  # (B, N, C), a set per crop
-        d, thresholds[k] = set_descriptor(elements, projections[k], thresholds[k], cfg.quantiles,
-                                          cfg.percentiles, cfg.mem_elems)
-        per_pos.append(d.cpu())
-    return torch.stack(per_pos, 1)
+        feats = extractor(sets) if deep else {}
+        for name, v in feats.items():  # one check per crop batch; NaN would silently become finite set counts
+            require_finite(v, f"SINBAD {name} features", weights_cause(extractor.backbone))
+        for lv in levels:
+            f = sets if lv == PIXEL_LEVEL else feats[DEEP_LAYERS[lv]]
+            elements = f.flatten(2).transpose(1, 2).float()  # (B, N, C), a set per crop
+            d, thresholds[lv][k] = set_descriptor(elements, projections[lv][k], thresholds[lv][k], cfg.quantiles,
+                                                  cfg.percentiles, cfg.mem_elems)
+            per_pos[lv].append(d.cpu())
+    return {lv: torch.stack(v, 1) for lv, v in per_pos.items()}
 
 
 def element_dim(level: int, extractor) -> int:
@@ -274,32 +300,46 @@ def element_dim(level: int, extractor) -> int:
 def run_unit(data: CategoryData, level: int, n_crops: int, cfg: SinbadConfig, extractor, device: torch.device,
              logger=None) -> dict:
     """Fit and score one (level, crop count): returns per-position scores test (R, K, N_test), val (R, K, N_val)."""
+    return run_units(data, [level], n_crops, cfg, extractor, device, logger)[level]
+
+
+def run_units(data: CategoryData, levels: Sequence[int], n_crops: int, cfg: SinbadConfig, extractor,
+              device: torch.device, logger=None) -> dict[int, dict]:
+    """run_unit for deep levels that share a crop count, in one pass over the images (the extractor returns every
+    level's layer); each level's scores equal its own run_unit's. The timing covers the shared pass."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    reps, n_p, n_q = cfg.reps(level), cfg.n_projections(level), cfg.quantiles
-    dim = element_dim(level, extractor)
-    projections = [torch.cat([projection_matrix(dim, n_p, cfg.seed, level, n_crops, k, r) for r in range(reps)], 1)
-                   .to(device) for k in range(n_crops)]
-    tag = f"{data.category} L{level} c{n_crops}"
-    train_d, thr = encode(data.train, level, n_crops, cfg, extractor, device, projections, desc=f"{tag} train")
+    n_q = cfg.quantiles
+    projections = {lv: [torch.cat([projection_matrix(element_dim(lv, extractor), cfg.n_projections(lv), cfg.seed, lv,
+                                                     n_crops, k, r) for r in range(cfg.reps(lv))], 1).to(device)
+                        for k in range(n_crops)] for lv in levels}
+    tag = f"{data.category} L{'+'.join(map(str, levels))} c{n_crops}"
+    train_d, thr = encode_levels(data.train, levels, n_crops, cfg, extractor, device, projections,
+                                 desc=f"{tag} train")
     frozen = None if cfg.official_thresholds else thr
-    val_d = encode(data.validation, level, n_crops, cfg, extractor, device, projections, frozen, f"{tag} val")[0]
+    val_d = encode_levels(data.validation, levels, n_crops, cfg, extractor, device, projections, frozen,
+                          f"{tag} val")[0]
     t_test = time.perf_counter()
-    test_d = encode(data.test, level, n_crops, cfg, extractor, device, projections, frozen, f"{tag} test")[0]
+    test_d = encode_levels(data.test, levels, n_crops, cfg, extractor, device, projections, frozen,
+                           f"{tag} test")[0]
     t_test = time.perf_counter() - t_test
-    dd = n_p * n_q
-    test_s = torch.zeros(reps, n_crops, len(data.test), dtype=torch.float64)
-    val_s = torch.zeros(reps, n_crops, len(data.validation), dtype=torch.float64)
-    for r in range(reps):
-        cols = slice(r * dd, (r + 1) * dd)
-        for k in range(n_crops):
-            st, sv = nn_scores(train_d[:, k, cols].to(device), [test_d[:, k, cols], val_d[:, k, cols]],
-                               cfg.alpha(level), cfg.whiten)
-            test_s[r, k], val_s[r, k] = st.cpu(), sv.cpu()
-    for name, s in (("test", test_s), ("validation", val_s)):
-        if not torch.isfinite(s).all():
-            raise FloatingPointError(f"SINBAD {tag}: non-finite {name} scores; check the images and --weights")
+    out = {}
+    for lv in levels:
+        reps, dd = cfg.reps(lv), cfg.n_projections(lv) * n_q
+        test_s = torch.zeros(reps, n_crops, len(data.test), dtype=torch.float64)
+        val_s = torch.zeros(reps, n_crops, len(data.validation), dtype=torch.float64)
+        for r in range(reps):
+            cols = slice(r * dd, (r + 1) * dd)
+            for k in range(n_crops):
+                st, sv = nn_scores(train_d[lv][:, k, cols].to(device), [test_d[lv][:, k, cols], val_d[lv][:, k, cols]],
+                                   cfg.alpha(lv), cfg.whiten)
+                test_s[r, k], val_s[r, k] = st.cpu(), sv.cpu()
+        for name, s in (("test", test_s), ("validation", val_s)):
+            if not torch.isfinite(s).all():
+                raise FloatingPointError(f"SINBAD {data.category} L{lv} c{n_crops}: non-finite {name} scores; check "
+                                         "the images and --weights")
+        out[lv] = {"test": test_s.numpy(), "val": val_s.numpy()}
     seconds = time.perf_counter() - t0
     n_img = len(data.train) + len(data.validation) + len(data.test)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
@@ -309,11 +349,15 @@ def run_unit(data: CategoryData, level: int, n_crops: int, cfg: SinbadConfig, ex
               "test_s_per_image": t_test / max(1, len(data.test)),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
               "peak_cuda_mb": peak / 2 ** 20}
+    if len(levels) > 1:
+        timing["shared_by_levels"] = list(levels)
     if logger:
         logger.info("%s: %.1f s (%.3f s/image, test %.3f s/image, CPU %.3f s/image), peak RSS %.0f MB", tag,
                     seconds, timing["s_per_image"], timing["test_s_per_image"], timing["cpu_s_per_image"],
                     timing["peak_rss_mb"])
-    return {"test": test_s.numpy(), "val": val_s.numpy(), "timing": timing}
+    for lv in levels:
+        out[lv]["timing"] = dict(timing)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- unit files
@@ -353,6 +397,9 @@ def load_unit(path: Path, data: CategoryData) -> dict:
     if info.get("test") != [sample_key(s) for s in data.test] or info.get("val") != [sample_key(s) for s in
                                                                                       data.validation]:
         raise UserError(f"{path} was computed on other images than {data.category} now lists; re-run its unit")
+    for key, now in (("dataset", data.dataset), ("category", data.category)):
+        if info.get(key) is not None and info[key] != now:
+            raise UserError(f"{path} was computed for {key} {info[key]}, not {now}; re-run its unit")
     if not (np.isfinite(test).all() and np.isfinite(val).all()):
         raise UserError(f"{path} holds NaN or inf scores; delete it and re-run its unit")
     return {"test": test, "val": val, "info": info}
@@ -432,5 +479,6 @@ def with_validation(data: CategoryData, holdout: float) -> CategoryData:
 
 __all__ = ["SinbadConfig", "LEVELS", "PIXEL_LEVEL", "CROP_RATIOS", "DEEP_LAYERS", "crop_counts", "aspect_size",
            "CanvasTransform", "crop_grid", "crops_to_sets", "percentiles", "fit_thresholds", "set_descriptor",
-           "projection_matrix", "ShrunkWhitener", "nn_scores", "encode", "run_unit", "unit_path", "save_unit",
+           "projection_matrix", "ShrunkWhitener", "nn_scores", "encode", "encode_levels", "describe_levels",
+           "run_unit", "run_units", "unit_path", "save_unit",
            "load_unit", "grid_mean_weights", "normalize_by_val", "ensemble", "with_validation", "work_dir"]

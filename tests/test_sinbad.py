@@ -244,3 +244,24 @@ def test_official_thresholds_flag_and_mixed_units(synthetic_root, tmp_path):
     with pytest.raises(SystemExit, match="different settings"):
         _run(base[:-4] + ["--levels", "14", "224", "--crops", "1", "--ensemble-only", "--score-dir",
                           str(tmp_path / "b")])
+
+
+def test_shared_backbone_pass_gives_each_levels_own_scores(synthetic_root):
+    """Levels 7 and 14 of one crop count in one pass (sinbad.py's default) score exactly as their separate units."""
+    from methods.sinbad import DEEP_LAYERS, run_unit, run_units
+    from models.backbones import load_backbone
+    from models.feature_extractor import FeatureExtractor
+
+    from dataclasses import replace
+
+    data = read_category("synthetic_loco", "synth_box", synthetic_root)
+    data = replace(data, train=data.train[:6], validation=data.validation[:3], test=data.test[::4])
+    cfg = SinbadConfig.fast_config(canvas=128, set_res=64, projections=8, batch_size=4)  # 2 batches of train
+    bb = load_backbone("efficientnet_lite0", "random")
+    both = FeatureExtractor(bb, [DEEP_LAYERS[14], DEEP_LAYERS[7]])
+    shared = run_units(data, [7, 14], 4, cfg, both, torch.device("cpu"))
+    for lv in (7, 14):
+        alone = run_unit(data, lv, 4, cfg, FeatureExtractor(bb, [DEEP_LAYERS[lv]]), torch.device("cpu"))
+        np.testing.assert_array_equal(shared[lv]["test"], alone["test"])
+        np.testing.assert_array_equal(shared[lv]["val"], alone["val"])
+        assert shared[lv]["test"].shape == (1, 4, len(data.test)) and np.ptp(alone["test"]) > 0
