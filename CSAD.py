@@ -92,6 +92,10 @@ def main(argv=None) -> None:
 
     device = pick_device(args.device)
     cfg = make_config(args)
+    penalty = None
+    if not args.benchmark_speed and not args.no_penalty:  # a missing folder fails before the teacher loads
+        penalty = lgst.find_penalty_images(args.penalty_dir)
+        log.info("penalty loss on %d images from %s", len(penalty), args.penalty_dir)
     backbone = load_backbone(args.backbone, args.weights)
     if not args.benchmark_speed:
         from common.provenance import start_from_args, weights_record  # the run record every score file carries
@@ -108,10 +112,6 @@ def main(argv=None) -> None:
         print(json.dumps(res))
         return
 
-    penalty = None
-    if not args.no_penalty:
-        penalty = lgst.find_penalty_images(args.penalty_dir)
-        log.info("penalty loss on %d images from %s", len(penalty), args.penalty_dir)
     results = []
     for category in categories:
         data = read_category(args.dataset, category, args.data_root)
