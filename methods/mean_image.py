@@ -8,8 +8,6 @@ weights and no training, so it checks the whole chain dataset -> score files -> 
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 

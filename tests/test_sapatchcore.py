@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sapatchcore
-from dataset_readers import DatasetError, Sample, read_category
+from dataset_readers import Sample, read_category
 from dataset_readers.torch_data import imagenet_transform
 from evaluation.metrics import image_auroc
 from evaluation.score_files import anomaly_map_path, load_scores

@@ -469,8 +469,6 @@ def synth_with_maps(tmp_path_factory):
 
 def test_missing_pseudo_labels_is_a_clear_error(synth_with_maps, tmp_path, lite0_weights):
     import train_segmentor
-    from methods.csad.label_layout import LayoutError
-
     with pytest.raises(SystemExit, match=str(tmp_path / "none" / "synth_box")):  # main() exits 1
         train_segmentor.main(["--dataset", "synthetic_loco", "--data-root", str(synth_with_maps), "--fast",
                               "--categories", "synth_box", "--backbone", "efficientnet_lite0", "--weights",

@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.covariance import ShrunkCovariance
 from sklearn.metrics import roc_auc_score
 
-from dataset_readers import DatasetError, read_category
+from dataset_readers import read_category
 from dataset_readers.base import CategoryData, Sample
 from evaluation.score_files import load_scores
 from methods.sinbad import (CanvasTransform, ShrunkWhitener, SinbadConfig, aspect_size, crop_grid, crops_to_sets,
