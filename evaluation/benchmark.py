@@ -204,10 +204,18 @@ def _load_maps(method: str, data: CategoryData, score_dir: Path) -> dict[str, np
             LOG.info("no localisation for %s/%s: %d of %d maps missing (first: %s)", method, data.category,
                      len(missing), len(data.test), anomaly_map_path(method, data.category, missing[0], score_dir))
         return None
-    maps = {s.path: load_anomaly_map(method, data.category, s, score_dir) for s in data.test}
-    bad = [k for k, m in maps.items() if not np.isfinite(m).all()]
-    if bad:
-        raise ScoreFileError(f"NaN/inf in the anomaly map of {bad[0]} ({method}); re-run {method}")
+    from dataset_readers.base import image_size
+
+    maps = {}
+    for s in data.test:
+        m = maps[s.path] = load_anomaly_map(method, data.category, s, score_dir)
+        path = anomaly_map_path(method, data.category, s, score_dir)
+        w, h = image_size(s.path)  # the header only
+        if m.shape != (h, w):
+            raise ScoreFileError(f"{path} is {m.shape[1]}x{m.shape[0]} but its image {s.path} is {w}x{h}; maps must "
+                                 f"be at the original image size (re-run {method}, it writes them so)")
+        if not np.isfinite(m).all():
+            raise ScoreFileError(f"{path} holds NaN or inf; re-run {method}")
     return maps
 
 

@@ -400,3 +400,21 @@ def test_benchmark_pair_without_score_files_is_a_failure(tmp_path, capsys):
     last = _refused(capsys, *_loco_args(root, scores, tmp_path / "out", "--pairs", "CSAD+SINBAD"))
     assert "SKIPPED --pairs patchhist+LGST+sinbad/breakfast_box: no usable score files for sinbad" in last
     assert "('patchhist', 'LGST') AUC:" in (tmp_path / "out" / "score_combine_result.txt").read_text()
+
+
+def test_benchmark_refuses_unreadable_or_wrong_size_maps(tmp_path, capsys):
+    root = make_loco(tmp_path / "data")
+    data = read_category("mvtec_loco", "breakfast_box", root)
+    scores = tmp_path / "scores"
+    save_anomaly_maps("glass", "breakfast_box", data.test, np.random.default_rng(0).random((len(data.test), SIZE, SIZE)),
+                      scores)
+    _write_branch(data, "glass", scores, np.random.default_rng(1), 1.0)
+    from evaluation.score_files import anomaly_map_path
+
+    tiff = anomaly_map_path("glass", "breakfast_box", data.test[-1], scores)
+    tiff.write_bytes(tiff.read_bytes()[:30])
+    last = _refused(capsys, *_loco_args(root, scores, tmp_path / "out", "--methods", "glass"))
+    assert str(tiff) in last and "not a readable TIFF" in last
+    tifffile.imwrite(tiff, np.zeros((SIZE, SIZE + 4), np.float32))  # not at the mask's size
+    last = _refused(capsys, *_loco_args(root, scores, tmp_path / "out", "--methods", "glass"))
+    assert f"REFUSED glass/breakfast_box: {tiff} is 20x16 but its image" in last and "original image size" in last
