@@ -398,3 +398,27 @@ def test_lgst_nan_teacher_names_the_weights_and_a_nan_loss_says_diverged(lite0_w
         input_size=64, channels=16, student_width=8, ae_base=16, iterations=5, eval_freq=5, lr=1e30), 0)
     with pytest.raises(NonFiniteError, match=r"diverged.*lower --lr \(now 1e\+30\)"):
         lgst.train(model, train, train[:2], torch.device("cpu"), seed=0)
+
+
+def test_patch_histogram_params_refuse_nan_truncated_and_foreign(tmp_path):
+    from methods.csad.patch_histogram import PatchHistogram
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randint(0, 3, (6, 8, 8), generator=g)
+    ph = PatchHistogram(3).fit(maps)
+    ph.set_validation(maps[:3])
+    meta = checkpoint_meta(method="segmentor", dataset="synthetic_loco", category="synth_box",
+                           weights={"backbone": LITE0, "sha256": "cd" * 32}, config={"epochs": 2})
+    path = tmp_path / "p.npz"
+    ph.save(path, meta=meta)
+    again = PatchHistogram.load(path, expected=meta)
+    np.testing.assert_array_equal(again.score(maps), ph.score(maps))
+    with pytest.raises(CheckpointError, match="category synth_box \\(this run: synth_bottle\\)"):
+        PatchHistogram.load(path, expected=dict(meta, category="synth_bottle"))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=f"cannot read patch-histogram params {path}"):
+        PatchHistogram.load(path)
+    ph.hist_invcov[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="hist_invcov .*not finite"):
+        ph.save(tmp_path / "q.npz")
+    assert not (tmp_path / "q.npz").exists()

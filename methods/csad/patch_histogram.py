@@ -2,6 +2,7 @@
 training vectors, trimmed z-normalisation with validation scores, global + patch detectors summed."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -9,6 +10,9 @@ import numpy as np
 import torch
 
 from common import atomic_path
+from common.checkpoints import check_meta
+from common.errors import CheckpointError
+from common.io import MissingCheckpointError
 from evaluation.fusion import trimmed_stats
 
 METHOD = "patchhist"
@@ -108,22 +112,42 @@ class PatchHistogram:
     def score(self, label_maps: torch.Tensor) -> np.ndarray:
         return self.normalise(*self.distances(label_maps))
 
-    def save(self, path: str | os.PathLike) -> None:
-        """The official params file: hist_mean, hist_invcov, patch_hist_mean, patch_hist_invcov, *_val_score."""
+    def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
+        """The official params file: hist_mean, hist_invcov, patch_hist_mean, patch_hist_invcov, *_val_score;
+        plus `meta` (common.checkpoints.checkpoint_meta) as a JSON string, when given."""
+        arrays = {k: getattr(self, k) for k in PARAM_KEYS}
+        bad = [k for k, v in arrays.items() if v is None or not np.isfinite(v).all()]
+        if bad:  # NaN here would become NaN patchhist scores for every image
+            raise CheckpointError(f"patch-histogram {bad[0]} is missing or not finite; not writing {path}: check "
+                                  "the segmentor's predictions (was its training finite?)")
+        extra = {"meta": np.array(json.dumps(meta))} if meta is not None else {}
         with atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, hist_mean=self.hist_mean, hist_invcov=self.hist_invcov,
-                     patch_hist_mean=self.patch_hist_mean, patch_hist_invcov=self.patch_hist_invcov,
-                     hist_val_score=self.hist_val_score, patch_hist_val_score=self.patch_hist_val_score,
-                     num_classes=self.num_classes, patch_grid=self.patch_grid)
+            np.savez(tmp, **arrays, num_classes=self.num_classes, patch_grid=self.patch_grid, **extra)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PatchHistogram":
+    def load(cls, path: str | os.PathLike, expected: dict | None = None) -> "PatchHistogram":
+        """`expected`: a checkpoint_meta record of the current run to check the file's record against."""
+        fix = "re-run train_segmentor.py for this category"
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"patch-histogram params not found: {path} (run train_segmentor.py first)")
-        with np.load(path, allow_pickle=False) as z:
-            return cls(int(z["num_classes"]), int(z["patch_grid"]), *(z[k] for k in (
-                "hist_mean", "hist_invcov", "patch_hist_mean", "patch_hist_invcov", "hist_val_score",
-                "patch_hist_val_score")))
+            raise MissingCheckpointError(f"patch-histogram params not found: {path} ({fix})")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in PARAM_KEYS}
+                num_classes, grid = int(z["num_classes"]), int(z["patch_grid"])
+                meta = json.loads(str(z["meta"])) if "meta" in z.files else None
+        except Exception as exc:  # truncated, not an npz, pickled arrays, missing keys
+            raise CheckpointError(f"cannot read patch-histogram params {path} ({str(exc).splitlines()[0]}); "
+                                  f"{fix}") from None
+        bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"patch-histogram params {path}: {bad[0]} holds NaN or Inf; {fix}")
+        if expected is not None:
+            check_meta(path, {"meta": meta} if meta is not None else {}, expected, fix=fix)
+        return cls(num_classes, grid, *(arrays[k] for k in PARAM_KEYS))
+
+
+PARAM_KEYS = ("hist_mean", "hist_invcov", "patch_hist_mean", "patch_hist_invcov", "hist_val_score",
+              "patch_hist_val_score")
 
 
 def params_path(score_dir: str | os.PathLike, category: str) -> str:

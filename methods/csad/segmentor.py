@@ -620,7 +620,7 @@ def run_category(data: CategoryData, encoder: Encoder, backbone_name: str, cfg: 
     test_maps, ips = predict_samples(res.model, encoder, data.test, r, cfg.eval_batch, f"{cat} test")
     groups.update(scores_for_samples(ph.score(test_maps), data.test, data))
     paths = save_group_scores(data, METHOD, groups, score_dir)
-    ph.save(params_path(score_dir, cat))
+    ph.save(params_path(score_dir, cat), meta=meta)
     seg_dir = write_test_segmentation(cat, masks_root, data.test, test_maps)
     log.info("%s: wrote %s, %s and %d test segmentations in %s; inference %.1f img/s", cat,
              ", ".join(p.name for p in paths), Path(params_path(score_dir, cat)).name, len(data.test), seg_dir, ips)
