@@ -5,7 +5,7 @@ and speed.json (table + environment) to --out-dir. Protocol and measured tables:
     OMP_NUM_THREADS=2 python benchmark_speed.py                  # all methods, CPU settings, random weights
     python benchmark_speed.py --device cuda --dtype fp16         # GPU protocol: 200 warm-up, 1000 timed calls
     python benchmark_speed.py --methods csad --official-csad-timing   # + the official script's protocol
-    python benchmark_speed.py --methods csad lgst --backbone efficientnet_lite0 --weights ../shared/weights/efficientnet-lite0-57934424.pth
+    python benchmark_speed.py --methods csad lgst --backbone efficientnet_lite0
 """
 from __future__ import annotations
 

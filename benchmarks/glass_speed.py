@@ -2,7 +2,7 @@
 of synthetic images: training seconds per iteration/epoch and inference images/s.
 
     python benchmarks/glass_speed.py                      # wide_resnet50_2 (ckpt/ weights, else random)
-    python benchmarks/glass_speed.py --backbone efficientnet_lite0 --weights ../shared/weights/efficientnet-lite0-57934424.pth
+    python benchmarks/glass_speed.py --backbone efficientnet_lite0
 Timings do not depend on the weight values, so random weights are used when the file is missing (said in the log).
 """
 from __future__ import annotations
