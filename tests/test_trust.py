@@ -163,10 +163,16 @@ def test_16bit_images_convert_like_their_8bit_originals(tmp_path):
     import tifffile
 
     tifffile.imwrite(tmp_path / "grey16be.tif", (grey8.astype(np.uint16) * 257).astype(">u2"))  # PIL: I;16B
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb8.astype(np.uint16) * 257)  # PIL: RGB (high byte)
+    import cv2
+
+    rgba16 = np.dstack([rgb8[..., ::-1].astype(np.uint16) * 257, np.full(rgb8.shape[:2], 65535, np.uint16)])
+    assert cv2.imwrite(str(tmp_path / "rgba16.png"), rgba16)  # PIL: RGBA (high byte)
     assert Image.open(tmp_path / "grey16.png").mode == "I;16"
     ref_rgb = np.asarray(load_image(tmp_path / "rgb8.png"))
     ref_grey = np.asarray(load_image(tmp_path / "grey8.png"))
-    for name, ref in (("grey16.png", ref_grey), ("grey16be.tif", ref_grey), ("rgb16.png", ref_rgb)):
+    for name, ref in (("grey16.png", ref_grey), ("grey16be.tif", ref_grey), ("rgb16.png", ref_rgb),
+                      ("rgb16.tif", ref_rgb), ("rgba16.png", ref_rgb)):
         got = np.asarray(load_image(tmp_path / name))
         assert got.shape == ref.shape and got.dtype == np.uint8
         assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1, name
