@@ -380,6 +380,20 @@ def test_glass_test_only_refuses_unfinished_foreign_and_other_settings(glass_run
     assert "meta_epochs=2 (this run: 3)" in _error_line(capsys)
 
 
+def test_sinbad_refuses_nan_features(tiny_root, lite0_weights):
+    """SINBAD's set descriptors count projections above thresholds: NaN features would become finite counts."""
+    from dataset_readers import read_category
+    from methods.sinbad import DEEP_LAYERS, SinbadConfig, run_unit
+    from models.feature_extractor import FeatureExtractor
+
+    data = read_category("synthetic_loco", "synth_box", tiny_root)
+    cfg = SinbadConfig.fast_config(canvas=64, set_res=32, projections=4, batch_size=8)
+    extractor = FeatureExtractor(_poisoned(lite0_weights, "nan"), [DEEP_LAYERS[14]])
+    with pytest.raises(NonFiniteError) as exc:
+        run_unit(data, 14, 1, cfg, extractor, torch.device("cpu"))
+    assert Path(lite0_weights).name in str(exc.value) and "corrupt" in str(exc.value)
+
+
 def test_lgst_nan_teacher_names_the_weights_and_a_nan_loss_says_diverged(lite0_weights):
     from methods.csad import lgst
 
