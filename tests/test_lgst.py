@@ -198,6 +198,19 @@ def test_training_sets_teacher_statistics_and_is_reproducible():
     assert not torch.equal(fresh.student.conv_st.weight, runs[0].student.conv_st.weight)  # it did train
 
 
+def test_training_uses_the_official_teacher_stats_when_asked():
+    g = torch.Generator().manual_seed(6)
+    train = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=g)  # odd N
+    val = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g)
+    m = tiny_model(seed=0, official_teacher_stats=True, iterations=1)
+    lgst.train(m, train, val, torch.device("cpu"), seed=3)
+    raw = lgst.teacher_features(m, train, torch.device("cpu"))
+    mean, std = lgst.channel_stats(raw, 2, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(m.teacher_mean, mean)
+    torch.testing.assert_close(m.teacher_std, std)
+    assert not torch.allclose(m.teacher_mean, lgst.channel_stats(raw)[0])
+
+
 def test_select_on_test_restores_the_best_evaluated_iteration():
     g = torch.Generator().manual_seed(5)
     train = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g)

@@ -509,7 +509,7 @@ def test_fast_run_separates_wrong_count_and_colour(synth_with_maps, tmp_path, li
     y = np.array([s.label for s in groups["logi"]])
     assert 0 < y[sel].sum() < sel.sum()
     auc = roc_auc_score(y[sel], logi[sel])
-    # measured 0.92 (5 anomalous vs 10 good; seed 42, 12 epochs at 64 px, EfficientNet-Lite0); chance is 0.5
+    # measured 0.82 (5 anomalous vs 10 good; seed 42, 12 epochs at 64 px, EfficientNet-Lite0); chance is 0.5
     assert auc >= 0.75, auc
     assert roc_auc_score(y, logi) >= 0.7
 
