@@ -436,3 +436,19 @@ def test_patch_histogram_params_refuse_nan_truncated_and_foreign(tmp_path):
     with pytest.raises(CheckpointError, match="hist_invcov .*not finite"):
         ph.save(tmp_path / "q.npz")
     assert not (tmp_path / "q.npz").exists()
+
+
+def test_glass_nan_score_blames_the_trained_weights_not_the_data(tiny_root, lite0_weights):
+    from dataset_readers import read_category
+    from methods.glass import Glass, GlassConfig, fast_config, predict
+    from models.backbones import load_backbone
+
+    data = read_category("synthetic_loco", "synth_box", tiny_root)
+    cfg = fast_config(GlassConfig())
+    model = Glass(load_backbone(LITE0, lite0_weights), cfg)
+    with torch.no_grad():
+        next(model.discriminator.parameters()).fill_(float("nan"))  # what a diverged training leaves
+    with pytest.raises(NonFiniteError) as exc:
+        predict(model, data.test[:2], cfg, 64, torch.device("cpu"))
+    msg = str(exc.value)
+    assert str(data.test[0].path) in msg and "training diverged" in msg and "lower --lr" in msg
