@@ -238,8 +238,8 @@ def main(argv=None) -> None:
         raise UserError(f"step {r.name} failed (exit {r.returncode}){reason}; its log: {r.log}")
     bench = next((r for r in results if r.name == "benchmark" and r.status == "ok"), None)
     if bench is not None:
-        print("\n=== benchmark (from its log)")
-        print("\n".join(_last(bench.log, 40)))
+        print(f"\n=== benchmark ({bench.log})")
+        print("\n".join(_last(bench.log, 10_000)))
     if random_weights:
         print(RANDOM_BANNER)
     print(f"Tables and figures: {args.results_dir}")
