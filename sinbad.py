@@ -165,6 +165,10 @@ def unit_groups(units: list[tuple[int, int]], shared: bool = True) -> list[tuple
     return [(levels, key[1]) for key, levels in groups.items()]
 
 
+def _sha(digest: str) -> str:
+    return digest if digest == "RANDOM" else f"sha256 {digest[:12]}…"
+
+
 def check_compatible(unit_scores: dict) -> None:
     """All units of one ensemble must come from the same preprocessing/seed (e.g. not --fast mixed with full)."""
     from methods.sinbad import COMPAT_KEYS
@@ -177,6 +181,13 @@ def check_compatible(unit_scores: dict) -> None:
         elif cfg != ref[1]:
             raise UserError(f"SINBAD units L{key[0]}_c{key[1]} and L{ref[0][0]}_c{ref[0][1]} were computed with "
                                f"different settings ({cfg} vs {ref[1]}); re-run the units with one setting")
+    # deep units only (the pixel level has no weights): one weights file for the whole ensemble
+    shas = [(k, u["info"]["weights_sha256"]) for k, u in unit_scores.items() if u["info"].get("weights_sha256")]
+    for key, sha in shas[1:]:
+        if sha != shas[0][1]:
+            (k0, s0) = shas[0]
+            raise UserError(f"SINBAD units L{key[0]}_c{key[1]} and L{k0[0]}_c{k0[1]} were computed with different "
+                            f"backbone weights ({_sha(sha)} vs {_sha(s0)}); re-run the units with one --weights")
 
 
 def auroc_by_group(data, groups: dict) -> dict:

@@ -339,7 +339,9 @@ def run_units(data: CategoryData, levels: Sequence[int], n_crops: int, cfg: Sinb
             if not torch.isfinite(s).all():
                 raise FloatingPointError(f"SINBAD {data.category} L{lv} c{n_crops}: non-finite {name} scores; check "
                                          "the images and --weights")
-        out[lv] = {"test": test_s.numpy(), "val": val_s.numpy()}
+        # the weights behind a deep unit, so --ensemble-only never mixes units of different weights files
+        sha = None if lv == PIXEL_LEVEL else getattr(extractor.backbone, "weights_sha256", None) or "RANDOM"
+        out[lv] = {"test": test_s.numpy(), "val": val_s.numpy(), "weights_sha256": sha}
     seconds = time.perf_counter() - t0
     n_img = len(data.train) + len(data.validation) + len(data.test)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
@@ -373,7 +375,8 @@ COMPAT_KEYS = ("canvas", "crop_num_edge", "set_res", "quantiles", "official_thre
 
 
 def save_unit(path: Path, result: dict, data: CategoryData, cfg: SinbadConfig, meta: dict) -> None:
-    info = {"version": UNIT_VERSION, "config": asdict(cfg), "timing": result["timing"], **meta,
+    info = {"version": UNIT_VERSION, "config": asdict(cfg), "timing": result["timing"],
+            "weights_sha256": result.get("weights_sha256"), **meta,
             "test": [sample_key(s) for s in data.test], "val": [sample_key(s) for s in data.validation]}
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:

@@ -452,3 +452,18 @@ def test_glass_nan_score_blames_the_trained_weights_not_the_data(tiny_root, lite
         predict(model, data.test[:2], cfg, 64, torch.device("cpu"))
     msg = str(exc.value)
     assert str(data.test[0].path) in msg and "training diverged" in msg and "lower --lr" in msg
+
+
+def test_sinbad_ensemble_refuses_units_of_different_weights(tiny_root, lite0_weights, tmp_path, capsys):
+    import sinbad
+
+    common = ["--dataset", "synthetic_loco", "--data-root", str(tiny_root), "--categories", "synth_box", "--fast",
+              "--backbone", LITE0, "--canvas", "64", "--crop-res", "32", "--projections", "4", "--crops", "1",
+              "--score-dir", str(tmp_path), "--device", "cpu"]
+    sinbad.main(common + ["--levels", "14", "--weights", str(lite0_weights), "--units-only"])
+    with pytest.warns(UserWarning, match="random weights"):
+        sinbad.main(common + ["--levels", "7", "--weights", "random", "--units-only"])
+    with pytest.raises(SystemExit) as exc:
+        sinbad.main(common + ["--levels", "7", "14", "--ensemble-only"])
+    line = _error_line(capsys)
+    assert exc.value.code == 1 and "different backbone weights" in line and "RANDOM" in line
