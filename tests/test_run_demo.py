@@ -86,6 +86,8 @@ def test_long_steps_run_per_category_when_jobs_allow(tmp_path):
     assert cmd[cmd.index("--categories") + 1:] == ["synth_bottle"] and cmd[cmd.index("--seed") + 1] == "3"
     assert {"CSAD:synth_box", "CSAD:synth_bottle", "sinbad:synth_box"} <= set(by["benchmark"].after)
     assert list(by)[0] == "generate"
+    default = run_demo.build_steps(run_demo.parse_args(["--weights", "random"]), jobs=2)
+    assert not any("--seed" in s.cmd for s in default)  # each script's own seed (train_segmentor: 42)
     one = {s.name for s in run_demo.build_steps(args, jobs=1)}
     assert "CSAD" in one and "CSAD:synth_box" not in one
 
