@@ -208,6 +208,9 @@ def main(argv=None) -> None:
     cpus = os.cpu_count() or 1
     jobs = args.jobs or (1 if args.full else cpus)
     threads = args.threads or (max(1, cpus // jobs) if args.full else 1)
+    if args.data_root and not Path(args.data_root).is_dir():  # before any step starts
+        raise UserError(f"--data-root {args.data_root} is not a folder; pass the {args.dataset} root, or drop "
+                        "--data-root to generate the synthetic dataset")
     steps = build_steps(args, jobs=jobs)
     log_dir = Path(args.results_dir) / "logs"
     from common.cli import ensure_writable_dir

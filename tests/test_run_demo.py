@@ -118,6 +118,16 @@ def test_failing_step_gives_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
     assert err[0].endswith(str(tmp_path / "res" / "logs" / "sinbad.log"))
 
 
+def test_missing_data_root_stops_before_any_step(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_demo.main(["--weights", "random", "--data-root", str(tmp_path / "nope"), "--results-dir",
+                       str(tmp_path / "r")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --data-root {tmp_path / 'nope'} is not a folder")
+    assert not (tmp_path / "r" / "logs").exists()
+
+
 def test_missing_weights_file_is_one_line(tmp_path):
     args = run_demo.parse_args(["--weights", str(tmp_path / "none.pth")])
     with pytest.raises(UserError, match="none.pth"):
