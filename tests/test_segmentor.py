@@ -182,14 +182,19 @@ def test_official_hole_fill_equals_the_official_merge_on_random_maps():
     from scipy.ndimage import binary_fill_holes
 
     rng = np.random.default_rng(3)
-    for _ in range(5):
-        lab = np.zeros((60, 60), np.uint8)
+    changed = 0
+    for _ in range(8):
+        lab = np.zeros((80, 80), np.uint8)
         for c in rng.permutation(5)[:4] + 1:
-            y, x, h, w = rng.integers(0, 45, 2).tolist() + rng.integers(6, 16, 2).tolist()
+            y, x, h, w = rng.integers(0, 55, 2).tolist() + rng.integers(12, 26, 2).tolist()
             lab[y:y + h, x:x + w] = c
-            lab[y + 2:y + h - 2, x + 2:x + w - 2] = 0  # rings, so hole filling matters
+            lab[y + 3:y + h - 3, x + 3:x + w - 3] = 0  # rings, so hole filling matters
         masks = [binary_fill_holes(lab == c) for c in range(1, lab.max() + 1) if (lab == c).sum() > 100]
-        np.testing.assert_array_equal(fill_holes_by_class(lab, official=True), _official_merge_masks(masks))
+        assert masks  # (the official merge fails on an empty list)
+        official = fill_holes_by_class(lab, official=True)
+        np.testing.assert_array_equal(official, _official_merge_masks(masks))
+        changed += int((official != fill_holes_by_class(lab)).any())
+    assert changed  # some of these maps get shifted or permuted ids from the official re-merge
 
 
 def test_label_resize_is_pil_nearest_after_full_resolution_filling():
