@@ -131,12 +131,7 @@ def test_benchmark_fusion_txt_csv_paper(tmp_path, log_lines):
 
 
 def test_benchmark_refuses_misordered_score_file(tmp_path, log_lines):
-    root = make_loco(tmp_path / "data")
-    data = read_category("mvtec_loco", "breakfast_box", root)
-    scores = tmp_path / "scores"
-    rng = np.random.default_rng(2)
-    _write_branch(data, "patchhist", scores, rng, 1.0)
-    _write_branch(data, "LGST", scores, rng, 1.0)
+    root, data, scores = _two_branches(tmp_path)
     index = score_path("breakfast_box", "LGST", "logi", scores).with_suffix(".json")
     meta = json.loads(index.read_text())
     meta["images"][0], meta["images"][-1] = meta["images"][-1], meta["images"][0]  # as an unsorted os.listdir would
