@@ -67,7 +67,28 @@ def parse_args(argv=None):
     p.add_argument("--penalty-dir", default=None,
                    help="LGST penalty images; default datasets/imagenet_penalty, then datasets/dtd/images; "
                         "--fast without them: generated textures")
+    p.add_argument("--launcher", default="process", choices=("process", "local", "slurm"),
+                   help="process: run the steps here (default); slurm: one SLURM job per (method, category) "
+                        "through submitit; local: the same jobs through submitit's local executor (docs/cluster.md)")
+    p.add_argument("--partition", default=None, help="--launcher slurm: the SLURM partition")
+    p.add_argument("--gpus-per-job", type=int, default=None, help="GPUs per method job (default: 1 on slurm, 0 local)")
+    p.add_argument("--cpus-per-job", type=int, default=None,
+                   help="--launcher slurm: CPUs per job (default 8), the thread count of each --full job")
+    p.add_argument("--job-time", type=int, default=2880, help="--launcher: time limit of each job in minutes")
+    p.add_argument("--slurm-param", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="other sbatch options for every job, e.g. account=myproj qos=normal mem=64G")
+    p.add_argument("--skip-done", action="store_true",
+                   help="--launcher: skip the steps that finished in an earlier launch with the same command "
+                        "(their <results-dir>/logs/<step>.status.json), so only failed or new steps run again")
     args = p.parse_args(argv)
+    if args.launcher == "process":
+        given = [f for f in ("partition", "gpus_per_job", "cpus_per_job") if getattr(args, f) is not None]
+        given += ["skip_done"] if args.skip_done else []
+        given += ["slurm_param"] if args.slurm_param else []
+        if given:
+            p.error(f"--{given[0].replace('_', '-')} needs --launcher slurm or --launcher local")
+    if any("=" not in kv or kv.startswith("=") for kv in args.slurm_param):
+        p.error("--slurm-param takes KEY=VALUE pairs, e.g. account=myproj")
     for flag in ("jobs", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
@@ -107,8 +128,9 @@ def texture_roots(args, steps: set[str]) -> tuple[str | None, str | None, bool]:
     return dtd or str(SYNTHETIC_TEXTURES), penalty or str(SYNTHETIC_TEXTURES), generated
 
 
-def build_steps(args, py: str = sys.executable, jobs: int = 1) -> list[Step]:
-    """The step graph of one demo run, in start priority order."""
+def build_steps(args, py: str = sys.executable, jobs: int = 1, split: tuple[str, ...] | None = None) -> list[Step]:
+    """The step graph of one demo run, in start priority order. `split`: the steps run one process per category
+    (default: CSAD and sinbad when several steps run at once; the launchers split every method)."""
     selected = set(args.steps)
     data_root = args.data_root or str(REPO_ROOT / "datasets" / args.dataset)
     dtd, penalty, generated = texture_roots(args, selected)
@@ -151,7 +173,8 @@ def build_steps(args, py: str = sys.executable, jobs: int = 1) -> list[Step]:
                                         str(SYNTHETIC_TEXTURES)]))
     # The two longest steps run one process per category when several run at once, so that they spread over
     # the cores; each category is seeded on its own, so the scores are those of a run over all categories.
-    per_category = split_categories(args) if jobs > 1 else []
+    per_category = split_categories(args) if jobs > 1 or split is not None else []
+    split = SPLIT_STEPS if split is None else split
     groups: dict[str, list[Step]] = {s.name: [s] for s in firsts}
     for name in STEPS:
         if name not in selected:
@@ -159,14 +182,16 @@ def build_steps(args, py: str = sys.executable, jobs: int = 1) -> list[Step]:
         cmd, after = commands[name]
         # a predecessor the user did not select is taken as done (its outputs are already there)
         after = tuple(dict.fromkeys((*(f.name for f in firsts), *(a for a in after if a in selected))))
-        if name in SPLIT_STEPS and len(per_category) > 1:
+        if name in split and len(per_category) > 1:
             base = _without_categories(cmd)
             groups[name] = [Step(f"{name}:{c}", [*base, "--categories", c], after) for c in per_category]
         else:
             groups[name] = [Step(name, cmd, after)]
     steps = [s for group in groups.values() for s in group]
-    for s in steps:  # a group name stands for all its steps
-        s.after = tuple(member.name for a in s.after for member in groups.get(a, []))
+    for s in steps:  # a group name stands for all its steps; a category's step waits for its own category only
+        cat = s.name.partition(":")[2]
+        s.after = tuple(m.name for a in s.after for m in groups.get(a, [])
+                        if not cat or ":" not in m.name or m.name.partition(":")[2] == cat)
     return sorted(steps, key=lambda s: PRIORITY.index(s.name.split(":")[0]))
 
 
@@ -211,7 +236,11 @@ def main(argv=None) -> None:
     if args.data_root and not Path(args.data_root).is_dir():  # before any step starts
         raise UserError(f"--data-root {args.data_root} is not a folder; pass the {args.dataset} root, or drop "
                         "--data-root to generate the synthetic dataset")
-    steps = build_steps(args, jobs=jobs)
+    if args.launcher == "slurm":  # not this machine's CPU count: the job's own
+        args.cpus_per_job = args.cpus_per_job or 8
+        threads = args.threads or (args.cpus_per_job if args.full else 1)
+    # the launchers run one job per (method, category)
+    steps = build_steps(args, jobs=jobs) if args.launcher == "process" else build_steps(args, split=METHOD_STEPS)
     log_dir = Path(args.results_dir) / "logs"
     from common.cli import ensure_writable_dir
 
@@ -224,10 +253,16 @@ def main(argv=None) -> None:
     if any(s.name == "textures" for s in steps):
         print(f"No DTD under {DTD_ROOT}: generated textures ({SYNTHETIC_TEXTURES}) stand in for GLASS's textures "
               "and LGST's penalty images (the --fast demo only; the table then differs from a run with DTD).")
-    print(f"{len(steps)} steps, up to {jobs} at once, {threads} thread(s) each; logs in {log_dir}", flush=True)
+    at_once = "all queued on SLURM" if args.launcher == "slurm" else f"up to {jobs} at once"
+    print(f"{len(steps)} steps, {at_once}, {threads} thread(s) each; logs in {log_dir}", flush=True)
 
     t0 = time.monotonic()
-    results = run_steps(steps, jobs, log_dir, env=step_env(threads), cwd=REPO_ROOT)
+    if args.launcher == "process":
+        results = run_steps(steps, jobs, log_dir, env=step_env(threads), cwd=REPO_ROOT)
+    else:
+        from common.launcher import launch_steps, options_from_args
+
+        results = launch_steps(steps, options_from_args(args, log_dir, jobs, step_env(threads), REPO_ROOT))
     total = time.monotonic() - t0
     print("\n=== step times (wall = elapsed, CPU = user + system of the step's processes)")
     print("\n".join(timing_table(results, total)))
@@ -236,11 +271,15 @@ def main(argv=None) -> None:
     atomic_write_json(log_dir / "steps.json", {"jobs": jobs, "threads": threads, "total_wall_s": total, "steps": [
         {"name": r.name, "status": r.status, "wall_s": r.wall_s, "cpu_s": r.cpu_s, "cmd": r.cmd} for r in results]})
     failed = [r for r in results if r.status == "failed"]
-    if failed:
-        r = failed[0]
+    for i, r in enumerate(failed):  # one line per failed step (the launchers let independent jobs finish)
         tail = [ln for ln in _last(r.log) if ln.startswith("error:")]
         reason = f": {tail[-1][len('error:'):].strip()}" if tail else ""
-        raise UserError(f"step {r.name} failed (exit {r.returncode}){reason}; its log: {r.log}")
+        exit_ = f"exit {r.returncode}" if r.returncode is not None else "its job ended early"
+        line = f"step {r.name} failed ({exit_}){reason}; its log: {r.log}"
+        if i < len(failed) - 1:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        else:
+            raise UserError(line)
     bench = next((r for r in results if r.name == "benchmark" and r.status == "ok"), None)
     if bench is not None:
         print(f"\n=== benchmark ({bench.log})")
