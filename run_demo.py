@@ -71,7 +71,8 @@ def parse_args(argv=None):
                    help="process: run the steps here (default); slurm: one SLURM job per (method, category) "
                         "through submitit; local: the same jobs through submitit's local executor (docs/cluster.md)")
     p.add_argument("--partition", default=None, help="--launcher slurm: the SLURM partition")
-    p.add_argument("--gpus-per-job", type=int, default=None, help="GPUs per method job (default: 1 on slurm, 0 local)")
+    p.add_argument("--gpus-per-job", type=int, default=None,
+                   help="GPUs per method job (default: 1 on slurm; local: 1 where this machine has a GPU, else 0)")
     p.add_argument("--cpus-per-job", type=int, default=None,
                    help="--launcher slurm: CPUs per job (default 8), the thread count of each --full job")
     p.add_argument("--job-time", type=int, default=2880, help="--launcher: time limit of each job in minutes")

@@ -100,8 +100,13 @@ def dependency_ids(step: Step, submitted: dict[str, str]) -> list[str]:
 def local_parameters(step: Step, opts: LaunchOptions) -> dict:
     gpus = 0 if step.name.split(":")[0] in NO_GPU_STEPS else opts.gpus_per_job
     # the local executor's own default time limit is 2 minutes
-    return {"timeout_min": int(opts.time_min), "gpus_per_node": gpus, "tasks_per_node": 1, "nodes": 1,
-            "stderr_to_stdout": True}
+    params = {"timeout_min": int(opts.time_min), "gpus_per_node": gpus, "tasks_per_node": 1, "nodes": 1,
+              "stderr_to_stdout": True}
+    # it sets CUDA_VISIBLE_DEVICES=0..n-1 itself: keep the devices the caller's CUDA_VISIBLE_DEVICES chose
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "").split(",")
+    if gpus and all(v.isdigit() for v in visible):
+        params["visible_gpus"] = tuple(int(v) for v in visible)
+    return params
 
 
 def _job_python() -> str:
@@ -165,10 +170,13 @@ def launch_steps(steps: Sequence[Step], opts: LaunchOptions, echo: Callable[[str
     submitted_at: dict[str, float] = {}
 
     def submit(step: Step, dependency_ids: Sequence[str] = ()) -> None:
-        if opts.launcher == "slurm":
-            executor.update_parameters(**slurm_parameters(step, opts, dependency_ids))
-        else:
-            executor.update_parameters(**local_parameters(step, opts))
+        params = (slurm_parameters(step, opts, dependency_ids) if opts.launcher == "slurm"
+                  else local_parameters(step, opts))
+        try:
+            executor.update_parameters(**params)
+        except ValueError as exc:  # submitit's check of the job parameters (e.g. more GPUs than visible)
+            raise UserError(f"job parameters for step {step.name} rejected by submitit: "
+                            f"{str(exc).splitlines()[0]}; check --gpus-per-job/--slurm-param") from None
         job = executor.submit(run_step_job, step.name, list(step.cmd), str(opts.cwd), dict(opts.env),
                               str(results[step.name].log), str(status_path(opts.log_dir, step.name)))
         jobs[step.name] = job
@@ -200,13 +208,14 @@ def launch_steps(steps: Sequence[Step], opts: LaunchOptions, echo: Callable[[str
                 echo(f"  {name} | {line}")
 
     pending = list(todo)
-    if opts.launcher == "slurm":
-        for s in pending:  # in dependency order: a job's predecessors already have their SLURM ids
-            submit(s, dependency_ids(s, {n: j.job_id for n, j in jobs.items()}))
-        pending = []
-    running = set(jobs)
+    running: set[str] = set()
     last_beat = time.monotonic()
     try:
+        if opts.launcher == "slurm":
+            for s in pending:  # in dependency order: a job's predecessors already have their SLURM ids
+                submit(s, dependency_ids(s, {n: j.job_id for n, j in jobs.items()}))
+                running.add(s.name)
+            pending = []
         while pending or running:
             for s in list(pending):  # in dependency order, so a removed predecessor is already settled
                 waiting = {p.name for p in pending} | running
@@ -231,7 +240,7 @@ def launch_steps(steps: Sequence[Step], opts: LaunchOptions, echo: Callable[[str
                 break  # cannot happen after the removal above; guards against an endless loop
             if running:
                 time.sleep(opts.poll_s)
-    except BaseException:  # Ctrl-C: the jobs of this launch must not run on behind our back
+    except BaseException:  # Ctrl-C or a refused submission: the jobs of this launch must not run on behind our back
         for name in running:
             try:
                 jobs[name].cancel(check=False)
@@ -256,11 +265,20 @@ def _topological(steps: Sequence[Step]) -> list[Step]:
 
 def options_from_args(args, log_dir: Path, jobs: int, env: dict, cwd) -> LaunchOptions:
     """run_demo's flags as LaunchOptions; the thread counts of `env` go to every job."""
-    gpus = args.gpus_per_job if args.gpus_per_job is not None else (1 if args.launcher == "slurm" else 0)
+    gpus = args.gpus_per_job
+    if gpus is None:  # local: the GPU this machine has, as the in-process scheduler would use it
+        gpus = 1 if args.launcher == "slurm" else min(1, _visible_gpus())
     if gpus < 0 or (args.cpus_per_job is not None and args.cpus_per_job < 1) or args.job_time < 1:
         raise UserError("--gpus-per-job must be at least 0, --cpus-per-job and --job-time at least 1")
     keep = ("PYTHONUNBUFFERED", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     return LaunchOptions(launcher=args.launcher, log_dir=Path(log_dir), cwd=str(cwd),
                          env={k: env[k] for k in keep if k in env}, jobs=jobs, partition=args.partition,
                          gpus_per_job=gpus, cpus_per_job=args.cpus_per_job, time_min=args.job_time,
-                         slurm_params=dict(kv.split("=", 1) for kv in args.slurm_param), skip_done=args.skip_done)
+                         slurm_params=dict(kv.split("=", 1) for kv in args.slurm_param), skip_done=args.skip_done,
+                         poll_s=10.0 if args.launcher == "slurm" else 0.5)  # submitit caches sacct calls anyway
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

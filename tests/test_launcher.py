@@ -45,7 +45,8 @@ def test_local_jobs_keep_the_order_and_a_failure_stops_only_its_dependents(tmp_p
     assert json.loads(status_path(tmp_path / "logs", "bad").read_text())["returncode"] == 2
     assert "  bad | error: no such folder /x" in lines
     # b was submitted only after a's job had finished (and b itself checked that a's file was there)
-    first = {tag: next(i for i, ln in enumerate(lines) if ln.startswith(tag)) for tag in ("[done] a:", "[submitted] b ")}
+    first = {tag: next(i for i, ln in enumerate(lines) if ln.startswith(tag))
+             for tag in ("[done] a:", "[submitted] b ")}
     assert first["[done] a:"] < first["[submitted] b "]
 
 
