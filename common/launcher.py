@@ -209,6 +209,7 @@ def launch_steps(steps: Sequence[Step], opts: LaunchOptions, echo: Callable[[str
 
     pending = list(todo)
     running: set[str] = set()
+    dropped: set[str] = set()
     last_beat = time.monotonic()
     try:
         if opts.launcher == "slurm":
@@ -217,17 +218,17 @@ def launch_steps(steps: Sequence[Step], opts: LaunchOptions, echo: Callable[[str
                 running.add(s.name)
             pending = []
         while pending or running:
-            for s in list(pending):  # in dependency order, so a removed predecessor is already settled
-                waiting = {p.name for p in pending} | running
-                if any(results[a].status == "failed" or (results[a].status == "not run" and a not in waiting)
-                       for a in s.after):
+            for s in [p for p in todo if p in pending]:  # dependency order: a dropped predecessor is seen first
+                if any(results[a].status == "failed" or a in dropped for a in s.after):
                     pending.remove(s)  # a predecessor failed: it stays "not run"
-                    continue
-                if any(results[a].status != "ok" for a in s.after) or len(running) >= max(1, opts.jobs):
-                    continue
-                pending.remove(s)
-                submit(s)
-                running.add(s.name)
+                    dropped.add(s.name)
+            for s in [p for p in steps if p in pending]:  # the caller's order: the longest chains first
+                if len(running) >= max(1, opts.jobs):
+                    break
+                if all(results[a].status == "ok" for a in s.after):
+                    pending.remove(s)
+                    submit(s)
+                    running.add(s.name)
             for name in [s.name for s in todo if s.name in running and jobs[s.name].done()]:
                 running.discard(name)  # in dependency order: a predecessor is settled before its dependents
                 finish(name)
@@ -240,7 +241,7 @@ def launch_steps(steps: Sequence[Step], opts: LaunchOptions, echo: Callable[[str
                 break  # cannot happen after the removal above; guards against an endless loop
             if running:
                 time.sleep(opts.poll_s)
-    except BaseException:  # Ctrl-C or a refused submission: the jobs of this launch must not run on behind our back
+    except BaseException:  # Ctrl-C or a refused submission: no job of this launch may run on behind our back
         for name in running:
             try:
                 jobs[name].cancel(check=False)

@@ -50,6 +50,17 @@ def test_local_jobs_keep_the_order_and_a_failure_stops_only_its_dependents(tmp_p
     assert first["[done] a:"] < first["[submitted] b "]
 
 
+def test_local_jobs_start_in_the_callers_order(tmp_path):
+    """The caller lists the longest chains first: with one job at a time, b (after a) starts before c, which was
+    ready from the start."""
+    steps = [Step("a", write(tmp_path / "a")), Step("b", write(tmp_path / "b"), ("a",)),
+             Step("c", write(tmp_path / "c"))]
+    lines: list[str] = []
+    launch_steps(steps, LaunchOptions("local", tmp_path / "logs", cwd=str(tmp_path), jobs=1, poll_s=0.05),
+                 echo=lines.append)
+    assert [ln.split()[1] for ln in lines if ln.startswith("[submitted]")] == ["a", "b", "c"]
+
+
 def test_skip_done_reruns_only_what_did_not_finish(tmp_path):
     steps = [Step("a", write(tmp_path / "a")), Step("b", write(tmp_path / "b", check=tmp_path / "a"), ("a",)),
              Step("c", write(tmp_path / "c"))]
