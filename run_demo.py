@@ -9,6 +9,9 @@ its own log under <results-dir>/logs/ and the step times (wall and CPU) are prin
 matters: generate (and textures) before everything, pseudo_label before train_segmentor, every method before
 the benchmark. CSAD.py trains LGST on the images alone, so it runs beside the segmentor chain; the benchmark
 fuses the two branches (patchhist+LGST).
+
+`--launcher slurm` (or `local`) runs the same graph as one submitit job per (method, category), on SLURM with
+afterok dependencies or through submitit's local executor, the benchmark last (common/launcher.py, docs/cluster.md).
 """
 from __future__ import annotations
 
