@@ -141,7 +141,7 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, verify: b
         digest = sha256_of(file)
         if verify and not digest.startswith(spec.sha256):
             raise WeightsError(f"{file}: sha256 does not start with {spec.sha256}; re-download it from {spec.url}")
-        state = _read_state(file, name, spec)
+        state = _read_state(file, spec)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -166,7 +166,7 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, verify: b
     return model
 
 
-def _read_state(file: Path, name: str, spec: BackboneSpec):
+def _read_state(file: Path, spec: BackboneSpec):
     """torch.load(weights_only=True) or safetensors; every failure is one line naming the file."""
     again = f"download {spec.filename} (sha256 {spec.sha256}{'…' if len(spec.sha256) < 64 else ''}) again from {spec.url}"
     if file.suffix == ".safetensors":  # e.g. timm's model.safetensors from the hub page
