@@ -11,8 +11,7 @@ import time
 
 from common import get_logger, pick_device, seed_everything, set_threads
 from common.cli import add_common_args, ensure_output_dirs, make_parser, resolve_categories
-from common.errors import guard
-from common.errors import UserError
+from common.errors import UserError, guard
 from common.official import add_official_switch
 from dataset_readers import read_category
 from methods.patchcore import METHODS, defaults_for, official_bn_update, run_category
