@@ -490,8 +490,7 @@ def run_category(backbone: nn.Module, dataset: str, category: str, cfg: GlassCon
         summary.update(checkpoint=str(path), svd=ckpt.get("svd"), epoch=ckpt.get("epoch"))
         log.info("%s/%s: test only, weights from %s (epoch %s)", dataset, category, path, ckpt.get("epoch"))
     else:
-        summary.update(_train(model, data, cfg, resize, dataset, category, folder, dtd_root, fg_root, device, seed,
-                              backbone))
+        summary.update(_train(model, data, cfg, resize, dataset, category, folder, dtd_root, fg_root, device, seed))
 
     groups = data.score_groups()
     res = predict(model, data.test, cfg, resize, device, write_maps=(str(score_dir), category), gt=True,
@@ -518,7 +517,7 @@ def _default_ckpt(folder: Path, cfg: GlassConfig) -> Path:
 
 
 def _train(model: Glass, data, cfg: GlassConfig, resize: int, dataset: str, category: str, folder: Path,
-           dtd_root, fg_root, device, seed: int, backbone: nn.Module | None = None) -> dict:
+           dtd_root, fg_root, device, seed: int) -> dict:
     if not data.train:
         raise DatasetError(f"{dataset}/{category} has no training images; GLASS needs train/good (or --checkpoint)")
     fg = FG_DEFAULT.get(dataset, 0) if cfg.fg is None else cfg.fg
@@ -548,7 +547,7 @@ def _train(model: Glass, data, cfg: GlassConfig, resize: int, dataset: str, cate
         t_train += time.time() - t
         entry = {"epoch": epoch, **stats}
         # finished only with the last epoch: a run killed earlier leaves a checkpoint that --test-only refuses
-        meta = glass_meta(backbone or model.extractor.backbone, cfg, dataset, category, data.train,
+        meta = glass_meta(model.extractor.backbone, cfg, dataset, category, data.train,
                           finished=epoch == cfg.meta_epochs - 1, progress=f"epoch {epoch + 1} of {cfg.meta_epochs}")
         state = {**model.state(), "epoch": epoch, "svd": svd, "config": asdict(cfg), "category": category,
                  META_KEY: meta}
