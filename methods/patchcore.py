@@ -305,12 +305,13 @@ def score_samples(extractor: FeatureExtractor, samples: Sequence[Sample], bank: 
     loader = make_loader(samples, transform_for(cfg), batch_size=batch_size, workers=workers)
     scores = np.empty(len(samples), dtype=np.float64)
     for images, index in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        batch = [samples[i] for i in index.tolist()]
         emb = embed(extractor, images.to(device, non_blocking=True), cfg)
-        check_features(emb, images, [samples[i] for i in index.tolist()], extractor.backbone)
+        check_features(emb, images, batch, extractor.backbone)
         patch, image = score_embeddings(emb, bank, cfg, backend)
         scores[index.numpy()] = image.double().cpu().numpy()
         if map_writer is not None:
-            map_writer([samples[i] for i in index.tolist()], patch)
+            map_writer(batch, patch)
     return scores
 
 
