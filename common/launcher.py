@@ -144,13 +144,12 @@ def launch_steps(steps: Sequence[Step], opts: LaunchOptions, echo: Callable[[str
                  executor=None) -> list[StepResult]:
     """Run `steps` as submitit jobs; one StepResult per step, in the given order. Failed steps are "failed", their
     dependents "not run"; skipped steps (--skip-done) are "ok" with the times of their earlier run."""
-    check_graph(steps)
+    order = check_graph(steps)
     opts.log_dir = Path(opts.log_dir)
     opts.log_dir.mkdir(parents=True, exist_ok=True)
     results = {s.name: StepResult(s.name, "not run", log=opts.log_dir / log_name(s.name), cmd=list(s.cmd))
                for s in steps}
     by_name = {s.name: s for s in steps}
-    order = _topological(steps)
     rerun: set[str] = set()
     for s in order:  # skip a step only when it is done and nothing before it runs again
         prev = _previous_ok(s, opts) if opts.skip_done else None
@@ -250,18 +249,6 @@ def launch_steps(steps: Sequence[Step], opts: LaunchOptions, echo: Callable[[str
             results[name].status = "cancelled"
         raise
     return [results[s.name] for s in steps]
-
-
-def _topological(steps: Sequence[Step]) -> list[Step]:
-    done: set[str] = set()
-    out: list[Step] = []
-    pending = list(steps)
-    while pending:
-        ready = [s for s in pending if set(s.after) <= done]
-        out += ready
-        done.update(s.name for s in ready)
-        pending = [s for s in pending if s.name not in done]
-    return out
 
 
 def options_from_args(args, log_dir: Path, jobs: int, env: dict, cwd) -> LaunchOptions:

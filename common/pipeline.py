@@ -34,8 +34,9 @@ class StepResult:
     cmd: list[str] = field(default_factory=list)
 
 
-def check_graph(steps: Sequence[Step]) -> None:
-    """Unique names, known predecessors, no cycle (a programming error, not a user's)."""
+def check_graph(steps: Sequence[Step]) -> list[Step]:
+    """Unique names, known predecessors, no cycle (a programming error, not a user's). Returns the steps in
+    dependency order (each ready group in list order)."""
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate step names in {names}")
@@ -45,13 +46,16 @@ def check_graph(steps: Sequence[Step]) -> None:
         if missing:
             raise ValueError(f"step {s.name} waits for unknown steps {missing}")
     done: set[str] = set()
+    order: list[Step] = []
     pending = list(steps)
     while pending:
         ready = [s for s in pending if set(s.after) <= done]
         if not ready:
             raise ValueError(f"steps {[s.name for s in pending]} wait for each other (a cycle)")
+        order += ready
         done.update(s.name for s in ready)
         pending = [s for s in pending if s.name not in done]
+    return order
 
 
 def last_lines(path: Path, n: int = 15) -> list[str]:
