@@ -106,9 +106,7 @@ def main(argv=None) -> list[dict]:
 
         try:
             find_weights(args.backbone, args.weights)
-        except (FileNotFoundError, ValueError) as exc:  # MissingWeightsError is a UserError already
-            if isinstance(exc, UserError):
-                raise
+        except ValueError as exc:  # an unknown backbone; missing or foreign weights are UserErrors already
             raise UserError(str(exc)) from None
     device = pick_device(args.device)
     grounding_ckpt = args.grounding_ckpt or ("tiny" if args.fast else None)
