@@ -32,9 +32,10 @@ def read_mvtec_ad(root: Path, category: str, dataset: str = "mvtec_ad", require_
     ignored.extra_entries(cat_dir / "train", {GOOD})
     train = [Sample(str(p), "train") for p in take_images(train_dir, ignored, numbered)] if train_dir.is_dir() else []
     test_root = require_dir(cat_dir / "test", "split test")
-    ignored.extra_entries(test_root, {d.name for d in test_root.iterdir() if d.is_dir()})
+    test_dirs = sorted(d for d in test_root.iterdir() if d.is_dir())
+    ignored.extra_entries(test_root, {d.name for d in test_dirs})
     test: list[Sample] = []
-    for defect_dir in sorted(d for d in test_root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+    for defect_dir in (d for d in test_dirs if not d.name.startswith(".")):
         defect = defect_dir.name
         for p in take_images(defect_dir, ignored, numbered):
             masks: tuple[str, ...] = ()
