@@ -84,8 +84,14 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_elems: int 
     the bank once, so it is not re-scanned for every batch).
     """
     _check_inputs(queries, None if bank_checked else bank)
-    if backend == "faiss":
-        return _knn_faiss(queries, bank, k, squared)
+    dist, idx = _knn_faiss(queries, bank, k) if backend == "faiss" else _knn_torch(queries, bank, k, chunk_elems)
+    require_finite(dist, "nearest-neighbour distances", "the features are finite but too large for float32; "
+                   "check the backbone weights")
+    return (dist if squared else dist.sqrt()), idx
+
+
+def _knn_torch(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_elems: int):
+    """Squared distances and indices, in query/bank blocks of at most `chunk_elems` distances."""
     q_chunk = max(1, min(len(queries), chunk_elems // max(1, min(len(bank), chunk_elems))))
     b_chunk = max(k, min(len(bank), chunk_elems // q_chunk))
     out_d, out_i = [], []
@@ -103,13 +109,11 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_elems: int 
             best_d, best_i = dd, ii
         out_d.append(best_d)
         out_i.append(best_i)
-    dist = torch.cat(out_d)
-    require_finite(dist, "nearest-neighbour distances", "the features are finite but too large for float32; "
-                   "check the backbone weights")
-    return (dist if squared else dist.sqrt()), torch.cat(out_i)
+    return torch.cat(out_d), torch.cat(out_i)
 
 
-def _knn_faiss(queries: torch.Tensor, bank: torch.Tensor, k: int, squared: bool):
+def _knn_faiss(queries: torch.Tensor, bank: torch.Tensor, k: int):
+    """Squared distances (clamped at 0) and indices from faiss-cpu, on the queries' device."""
     try:
         import faiss
     except ImportError:
@@ -119,7 +123,4 @@ def _knn_faiss(queries: torch.Tensor, bank: torch.Tensor, k: int, squared: bool)
     d, i = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
     if k <= len(bank) and (i < 0).any():  # faiss marks a missing neighbour with index -1 and distance 3.4e38
         raise NonFiniteError("faiss found no neighbour for some queries; use --knn-backend torch")
-    d = torch.from_numpy(d).clamp_min_(0.0).to(queries.device)
-    require_finite(d, "nearest-neighbour distances", "the features are finite but too large for float32; check the "
-                   "backbone weights")
-    return (d if squared else d.sqrt()), torch.from_numpy(i).to(queries.device)
+    return torch.from_numpy(d).clamp_min_(0.0).to(queries.device), torch.from_numpy(i).to(queries.device)
