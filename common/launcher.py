@@ -132,10 +132,17 @@ def make_executor(opts: LaunchOptions):
     return submitit.LocalExecutor(folder=folder, max_num_timeout=0, python=_job_python())
 
 
-def _previous_ok(step: Step, opts: LaunchOptions) -> dict | None:
+def _read_status(log_dir: Path, step: str) -> dict | None:
+    """A step's status file; None where it is missing or unreadable."""
     try:
-        record = json.loads(status_path(opts.log_dir, step.name).read_text())
+        return json.loads(status_path(log_dir, step).read_text())
     except (OSError, ValueError):
+        return None
+
+
+def _previous_ok(step: Step, opts: LaunchOptions) -> dict | None:
+    record = _read_status(opts.log_dir, step.name)
+    if record is None:
         return None
     return record if record.get("returncode") == 0 and record.get("cmd") == list(step.cmd) else None
 
@@ -184,10 +191,7 @@ def launch_steps(steps: Sequence[Step], opts: LaunchOptions, echo: Callable[[str
 
     def finish(name: str) -> None:
         r = results[name]
-        try:
-            record = json.loads(status_path(opts.log_dir, name).read_text())
-        except (OSError, ValueError):
-            record = None
+        record = _read_status(opts.log_dir, name)
         if record is not None:
             r.returncode, r.wall_s, r.cpu_s = record["returncode"], record["wall_s"], record["cpu_s"]
             r.status = "ok" if r.returncode == 0 else "failed"
