@@ -71,10 +71,14 @@ def run_step_job(name: str, cmd: list[str], cwd: str, env: dict, log: str, statu
     return rc
 
 
+def _gpus(step: Step, opts: LaunchOptions) -> int:
+    return 0 if step.name.split(":")[0] in NO_GPU_STEPS else opts.gpus_per_job
+
+
 def slurm_parameters(step: Step, opts: LaunchOptions, dependency_ids: Sequence[str] = ()) -> dict:
     """The SlurmExecutor.update_parameters() keywords of one step's job (kept apart so that they can be checked
     without a cluster)."""
-    gpus = 0 if step.name.split(":")[0] in NO_GPU_STEPS else opts.gpus_per_job
+    gpus = _gpus(step, opts)
     params: dict = {"job_name": step.name.replace(":", "."), "time": int(opts.time_min), "nodes": 1,
                     "ntasks_per_node": 1, "stderr_to_stdout": True}
     if opts.partition:
@@ -98,7 +102,7 @@ def dependency_ids(step: Step, submitted: dict[str, str]) -> list[str]:
 
 
 def local_parameters(step: Step, opts: LaunchOptions) -> dict:
-    gpus = 0 if step.name.split(":")[0] in NO_GPU_STEPS else opts.gpus_per_job
+    gpus = _gpus(step, opts)
     # the local executor's own default time limit is 2 minutes
     params = {"timeout_min": int(opts.time_min), "gpus_per_node": gpus, "tasks_per_node": 1, "nodes": 1,
               "stderr_to_stdout": True}
