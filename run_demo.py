@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.cli import REPO_ROOT, make_parser
 from common.errors import UserError, guard
-from common.pipeline import Step, run_steps, timing_table
+from common.pipeline import Step, last_lines, run_steps, timing_table
 
 METHOD_STEPS = ("pseudo_label", "train_segmentor", "CSAD", "sinbad", "sapatchcore", "patchcore", "glass",
                 "mean_image")
@@ -294,8 +294,6 @@ def main(argv=None) -> None:
 
 
 def _last(path, n: int = 15) -> list[str]:
-    from common.pipeline import last_lines
-
     return last_lines(path, n) if path else []
 
 
