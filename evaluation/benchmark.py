@@ -600,7 +600,7 @@ def _figures(data: CategoryData, rows: list[Row], cfg: Config, prov: Provenance)
         methods = [r.name for r in rows if len(r.experiment) == 1]
         written = write_figures(data, methods, cfg.score_dir, Path(cfg.out_dir) / "figures",
                                 seg if seg is not None and seg.is_dir() else None, caption=prov.caption(),
-                                title_suffix=(f" — {P.RANDOM_TITLE}" if prov.random else ""), dataset=cfg.dataset,
+                                title_suffix=(f" — {P.RANDOM_TITLE}" if prov.random else ""),
                                 curves={r.name: r.curves for r in rows})
         LOG.info("%s: %d figures under %s", data.category, len(written), Path(cfg.out_dir) / "figures")
     except Exception as exc:  # figures are a convenience; never lose the tables over them

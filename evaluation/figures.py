@@ -260,21 +260,14 @@ def segmentation_figure(data: CategoryData, seg_dir: Path, out_path: Path, n: in
 
 
 def write_figures(data: CategoryData, methods: Sequence[str], score_dir: str | Path, out_dir: str | Path,
-                  seg_dir: str | Path | None = None, n: int = 8, caption: str = "", title_suffix: str = "",
-                  curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]] | None = None,
-                  dataset: str | None = None) -> list[Path]:
+                  seg_dir: str | Path | None = None, n: int = 8, *,
+                  curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], caption: str = "",
+                  title_suffix: str = "") -> list[Path]:
     """ROC (every experiment in `curves`, fused ones included), one overlay per single-branch method with maps,
     the side-by-side comparison, and the CSAD segmentation where seg_dir is given."""
     score_dir, out_dir = Path(score_dir), Path(out_dir)
     cat = safe_category(data.category)
     single = [m for m in methods if "+" not in m]
-    if curves is None:  # no benchmark rows given: the single-branch score files as they are
-        curves = {}
-        for m in single:
-            for g, samples in data.score_groups().items():
-                if g != "val" and score_path(data.category, m, g, score_dir).is_file():
-                    s, _ = load_score_file(data.category, m, g, samples, score_dir, dataset)
-                    curves.setdefault(m, {})[g] = (s, np.array([x.label for x in samples]))
     kw = dict(caption=caption, title_suffix=title_suffix)
     written = [roc_figure(data, curves, out_dir / cat / "roc.png", **kw)]
     written += [overlay_figure(data, m, score_dir, out_dir / cat / f"overlay_{m}.png", n, **kw) for m in single]
