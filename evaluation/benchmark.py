@@ -307,8 +307,12 @@ class Provenance:
     def random(self) -> bool:
         return P.any_random(self.records)
 
+    @property
+    def title_suffix(self) -> str:
+        return f" — {P.RANDOM_TITLE}" if self.random else ""
+
     def title(self, what: str) -> str:
-        return f"{what}" + (f" — {P.RANDOM_TITLE}" if self.random else "")
+        return what + self.title_suffix
 
     def lines(self) -> list[str]:
         return P.summary_lines(self.dataset, self.data_root, self.categories, self.records)
@@ -600,7 +604,7 @@ def _figures(data: CategoryData, rows: list[Row], cfg: Config, prov: Provenance)
         methods = [r.name for r in rows if len(r.experiment) == 1]
         written = write_figures(data, methods, cfg.score_dir, Path(cfg.out_dir) / "figures",
                                 seg if seg is not None and seg.is_dir() else None, caption=prov.caption(),
-                                title_suffix=(f" — {P.RANDOM_TITLE}" if prov.random else ""),
+                                title_suffix=prov.title_suffix,
                                 curves={r.name: r.curves for r in rows})
         LOG.info("%s: %d figures under %s", data.category, len(written), Path(cfg.out_dir) / "figures")
     except Exception as exc:  # figures are a convenience; never lose the tables over them
