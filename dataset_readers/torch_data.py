@@ -14,9 +14,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def imagenet_transform(resize: int | tuple[int, int], crop: int | None = None) -> Callable:
-    """Resize (int: shorter side, tuple: exact HxW), optional centre crop, ToTensor, ImageNet normalisation."""
-    steps: list = [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
+def imagenet_transform(resize: int | tuple[int, int], crop: int | None = None,
+                       interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR) -> Callable:
+    """Resize (int: shorter side, tuple: exact HxW) of the PIL image, optional centre crop, ToTensor, ImageNet
+    normalisation."""
+    steps: list = [T.Resize(resize, interpolation=interpolation, antialias=True)]
     if crop is not None:
         steps.append(T.CenterCrop(crop))
     steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

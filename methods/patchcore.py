@@ -22,7 +22,7 @@ from common.checkpoints import META_KEY, checkpoint_meta, load_checked
 from common.io import save_checkpoint
 from common.provenance import weights_record
 from dataset_readers.base import CategoryData, Sample, image_size
-from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, make_loader
+from dataset_readers.torch_data import imagenet_transform, make_loader
 from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
 from methods.knn import check_bank, check_features, knn
 from methods.maps import resized_hw, uncrop, upsample_and_smooth
@@ -259,11 +259,7 @@ def transform_for(cfg: PatchCoreConfig):
     resize = cfg.resize[0] if len(cfg.resize) == 1 else tuple(cfg.resize)
     if cfg.resample not in RESAMPLE:
         raise ValueError(f"unknown resize filter '{cfg.resample}'; choose from: {', '.join(RESAMPLE)}")
-    steps: list = [T.Resize(resize, interpolation=RESAMPLE[cfg.resample])]
-    if cfg.crop:
-        steps.append(T.CenterCrop(cfg.crop))
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(steps)
+    return imagenet_transform(resize, cfg.crop or None, interpolation=RESAMPLE[cfg.resample])
 
 
 def official_bn_update(extractor: FeatureExtractor, cfg: PatchCoreConfig) -> None:
