@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.cli import REPO_ROOT, make_parser
+from common import atomic_write_json
+from common.cli import REPO_ROOT, ensure_writable_dir, make_parser
 from common.errors import UserError, guard
 from common.pipeline import Step, last_lines, run_steps, timing_table
 
@@ -246,8 +247,6 @@ def main(argv=None) -> None:
     # the launchers run one job per (method, category)
     steps = build_steps(args, jobs=jobs) if args.launcher == "process" else build_steps(args, split=METHOD_STEPS)
     log_dir = Path(args.results_dir) / "logs"
-    from common.cli import ensure_writable_dir
-
     for flag, folder in (("--results-dir", args.results_dir), ("--score-dir", args.score_dir),
                          ("--ckpt-dir", args.ckpt_dir)):
         ensure_writable_dir(folder, flag)
@@ -270,8 +269,6 @@ def main(argv=None) -> None:
     total = time.monotonic() - t0
     print("\n=== step times (wall = elapsed, CPU = user + system of the step's processes)")
     print("\n".join(timing_table(results, total)))
-    from common import atomic_write_json
-
     atomic_write_json(log_dir / "steps.json", {"jobs": jobs, "threads": threads, "total_wall_s": total, "steps": [
         {"name": r.name, "status": r.status, "wall_s": r.wall_s, "cpu_s": r.cpu_s, "cmd": r.cmd} for r in results]})
     failed = [r for r in results if r.status == "failed"]
