@@ -1,0 +1,189 @@
+"""The model interface every method implements (after patchcore-inspection's PatchCore.fit/predict/save/load).
+
+    model = PatchCoreModel(backbone, cfg, device=device)      # networks + config, nothing read from disk
+    model.fit(ImageList(data.train))                          # a sequence of PIL images (read lazily)
+    pred = model.predict(ImageList(data.test))                # Prediction(scores (N,), maps or None)
+    model.save("ckpt/x.pth", meta)                            # self-describing checkpoint
+    model = load_model("ckpt/x.pth", device=device)           # method read from the checkpoint
+
+A model does no file IO apart from save/load and reads no dataset: the script orchestrates (reads the data,
+fits, saves, predicts, writes score files and maps). Images are any random-access sequence of PIL RGB images;
+`ImageList` reads reader samples or paths lazily (in DataLoader workers when a method uses them) with the
+project's robust decoder, so a corrupt file fails with its path.
+
+Maps: `Prediction.maps[i]` is a 2-D float32 map covering the whole of image i (the crop undone), at the model's
+resolution with image i's aspect ratio; writers resize it to the original size (`map_at_size`).
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+# checkpoint meta "method" -> "module:Class". The class's `load(path, device=..., **kw)` rebuilds the model.
+REGISTRY: dict[str, str] = {
+    "patchcore": "methods.patchcore:PatchCoreModel",
+    "sapatchcore": "methods.patchcore:PatchCoreModel",
+    "glass": "methods.glass:GlassModel",
+    "sinbad": "methods.sinbad:SinbadModel",
+    "csad": "methods.csad.model:CSADModel",
+}
+
+
+@dataclass
+class Prediction:
+    scores: np.ndarray  # (N,) float64 image scores, higher = more anomalous
+    maps: list[np.ndarray] | None = None  # N float32 2-D maps in each image's frame, or None (image-level only)
+    extra: dict[str, np.ndarray] | None = None  # named further image scores (e.g. CSAD's per-branch scores)
+
+
+class ImageList(Sequence):
+    """Lazy, picklable sequence of PIL RGB images from reader Samples or paths (dataset_readers.base.load_image:
+    16-bit scaling, one-line errors naming the file)."""
+
+    def __init__(self, items: Sequence[Any], mode: str = "RGB"):
+        self.paths = [str(getattr(s, "path", s)) for s in items]
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from dataset_readers.base import load_image
+
+        if isinstance(i, slice):
+            out = ImageList([], self.mode)
+            out.paths = self.paths[i]
+            return out
+        return load_image(self.paths[i], mode=self.mode)
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(width, height) without decoding."""
+        from dataset_readers.base import image_size
+
+        return image_size(self.paths[i])
+
+
+def image_sizes(images: Sequence[Any]) -> list[tuple[int, int]]:
+    """(width, height) of every image: read from the header for an ImageList, else from the PIL image."""
+    if isinstance(images, ImageList):
+        return [images.size(i) for i in range(len(images))]
+    return [im.size for im in images]
+
+
+class AnomalyModel(abc.ABC):
+    """fit / predict / save / load. Subclasses set `method` (the REGISTRY key written into checkpoints)."""
+
+    method: str = ""
+
+    @abc.abstractmethod
+    def fit(self, train: Sequence[Any], **kwargs) -> "AnomalyModel":
+        """Train on (or memorise) the normal images `train`; returns self."""
+
+    @abc.abstractmethod
+    def predict(self, images: Sequence[Any], **kwargs) -> Prediction:
+        """Image scores and maps of `images`, batched, with a progress bar."""
+
+    @abc.abstractmethod
+    def checkpoint(self) -> dict:
+        """Everything `from_checkpoint` needs (tensors + plain data; no pickled objects)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_checkpoint(cls, ckpt: Mapping, *, device: Any = "cpu", **kwargs) -> "AnomalyModel":
+        """Rebuild a fitted model from `checkpoint()`'s dict (the meta record under common.checkpoints.META_KEY)."""
+
+    def forward_networks(self, batch: Any) -> Any:
+        """Only the networks' forward pass of inference on a preprocessed batch (the method's own speed limit,
+        benchmarks/rehearse.py). Optional."""
+        raise NotImplementedError
+
+    def save(self, path: str | Path, meta: Mapping) -> Path:
+        """Atomic write of checkpoint() with the provenance record `meta` (common.checkpoints.checkpoint_meta)."""
+        from common.checkpoints import META_KEY
+        from common.io import save_checkpoint
+
+        ckpt = dict(self.checkpoint())
+        ckpt[META_KEY] = dict(meta)
+        save_checkpoint(path, ckpt)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: Any = "cpu", expected: Mapping | None = None, fix: str = "",
+             allow_unfinished: bool = False, **kwargs) -> "AnomalyModel":
+        """Load `path` (weights_only), check its record against `expected` when given, rebuild the model."""
+        ckpt, _ = _load(path, expected, fix, allow_unfinished)
+        return cls.from_checkpoint(ckpt, device=device, **kwargs)
+
+
+def _load(path, expected, fix, allow_unfinished) -> tuple[dict, dict]:
+    from common.checkpoints import META_KEY, check_meta, load_checked
+    from common.errors import CheckpointError
+    from common.io import load_checkpoint
+
+    fix = fix or "re-create it by training the method again"
+    if expected is not None:
+        return load_checked(path, expected, fix=fix, allow_unfinished=allow_unfinished)
+    if not Path(path).is_file():
+        load_checkpoint(path, hint=fix)  # raises the one-line missing-file error
+    ckpt = load_checkpoint(path, map_location="cpu", hint=fix)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it holds a {type(ckpt).__name__}); {fix}")
+    meta = check_meta(path, ckpt, {}, fix=fix, allow_unfinished=allow_unfinished)
+    return dict(ckpt), dict(meta if meta else ckpt.get(META_KEY, {}))
+
+
+def model_class(method: str) -> type[AnomalyModel]:
+    from common.errors import CheckpointError
+
+    if method not in REGISTRY:
+        raise CheckpointError(f"checkpoint method {method!r} has no model class; known: {', '.join(REGISTRY)}")
+    module, name = REGISTRY[method].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model(path: str | Path, *, device: Any = "cpu", allow_unfinished: bool = False,
+               **kwargs) -> tuple[AnomalyModel, dict]:
+    """Any method's checkpoint -> (fitted model, its provenance record); the method is read from the record."""
+    ckpt, meta = _load(path, None, "", allow_unfinished)
+    cls = model_class(str(meta.get("method")))
+    return cls.from_checkpoint(ckpt, device=device, **kwargs), meta
+
+
+def map_at_size(m: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """Bilinear (align_corners=False) resize of a 2-D map to (width, height) = the original image size."""
+    import torch
+    import torch.nn.functional as F
+
+    w, h = size_wh
+    t = torch.as_tensor(np.asarray(m, dtype=np.float32))
+    if t.shape != (h, w):
+        t = F.interpolate(t[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    return t.numpy()
+
+
+def batched(n: int, batch_size: int) -> list[range]:
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def reduced_precision(dtype: str, device: Any) -> Callable:
+    """Context for optional reduced-precision inference: 'fp32' (default, exact), 'bf16' (CPU or GPU autocast),
+    'fp16' (GPU autocast). Refuses fp16 on the CPU in one line."""
+    import contextlib
+
+    import torch
+
+    from common.errors import UserError
+
+    dev = torch.device(device)
+    if dtype in (None, "fp32", "float32"):
+        return contextlib.nullcontext()
+    if dtype == "fp16" and dev.type != "cuda":
+        raise UserError("--dtype fp16 needs a CUDA device; use --dtype bf16 on the CPU")
+    if dtype not in ("bf16", "fp16"):
+        raise UserError(f"unknown --dtype {dtype!r}; use fp32, bf16 or fp16")
+    return torch.autocast(dev.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
