@@ -187,3 +187,50 @@ def reduced_precision(dtype: str, device: Any) -> Callable:
     if dtype not in ("bf16", "fp16"):
         raise UserError(f"unknown --dtype {dtype!r}; use fp32, bf16 or fp16")
     return torch.autocast(dev.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+# --- the backbone of a checkpoint -------------------------------------------------------------------------------
+# Checkpoints store the backbone's name and weights sha256, not its weights (a WRN50-2 is 270 MB); load finds the
+# same file again (ckpt/, $AD_WEIGHTS_DIR, the packaged Lite0, or --weights) and checks its hash. Random weights
+# cannot be found again, so a random-weights checkpoint carries the backbone's state (smoke tests and the demo).
+BACKBONE_STATE_KEY = "backbone_state"
+
+
+def backbone_state_if_random(backbone: Any) -> dict:
+    """{BACKBONE_STATE_KEY: state_dict} for a random-weights backbone, else {} (merge into checkpoint())."""
+    from common.provenance import RANDOM
+
+    if getattr(backbone, "weights_sha256", RANDOM) != RANDOM:
+        return {}
+    return {BACKBONE_STATE_KEY: {k: v.detach().cpu() for k, v in backbone.state_dict().items()}}
+
+
+def backbone_from_checkpoint(ckpt: Mapping, *, weights: str | Path | None = None) -> Any:
+    """The frozen backbone a checkpoint was made with (models.backbones.load_backbone), verified by sha256."""
+    import warnings
+
+    from common.checkpoints import META_KEY
+    from common.errors import CheckpointError
+    from common.provenance import RANDOM
+    from models.backbones import load_backbone
+
+    meta = ckpt.get(META_KEY) or {}
+    name, sha = meta.get("backbone"), meta.get("weights_sha256")
+    if not name:
+        raise CheckpointError("the checkpoint names no backbone; re-create it with this version of the project")
+    if sha == RANDOM:
+        state = ckpt.get(BACKBONE_STATE_KEY)
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"the checkpoint was made with random {name} weights but does not carry them; "
+                                  f"re-create it with this version of the project, or train with real weights")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = load_backbone(name, "random")
+        model.load_state_dict(dict(state))
+        return model
+    model = load_backbone(name, weights)
+    if model.weights_sha256 != sha:
+        raise CheckpointError(f"the checkpoint was made with {name} weights sha256 {str(sha)[:12]}… "
+                              f"({meta.get('weights_file')}), but {model.weights_file} has "
+                              f"{model.weights_sha256[:12]}…; pass the original file with --weights")
+    return model
