@@ -30,7 +30,9 @@ REGISTRY: dict[str, str] = {
     "sapatchcore": "methods.patchcore:PatchCoreModel",
     "glass": "methods.glass:GlassModel",
     "sinbad": "methods.sinbad:SinbadModel",
-    "csad": "methods.csad.model:CSADModel",
+    "LGST": "methods.csad.lgst:LGSTDetector",  # CSAD stage 3 alone
+    "segmentor": "methods.csad.segmentor:PatchHistModel",  # CSAD stage 2: segmentor + Patch Histogram
+    "csad": "methods.csad.model:CSADModel",  # the fused CSAD: segmentor + Patch Histogram + LGST, one backbone pass
 }
 
 
