@@ -59,3 +59,36 @@ def guard(main: Callable) -> Callable:
             raise SystemExit(130) from None
 
     return wrapper
+
+
+# Non-finite numbers (methods.knn re-exports these for the methods)
+RANDOM = "RANDOM"  # the weights record of a random-weights backbone (common.provenance re-exports it)
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """NaN or Inf in features, a memory bank, distances or a training loss, with its cause."""
+
+
+def _kind(x) -> str:
+    import torch
+
+    return "NaN" if bool(torch.isnan(x).any()) else "infinite"
+
+
+def require_finite(x, what: str, cause: str) -> None:
+    """One isfinite reduction over the whole tensor (one host sync); `cause` says where it comes from and the fix."""
+    import torch
+
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} {'are' if what.endswith('s') else 'is'} {_kind(x)}: {cause}")
+
+
+def weights_cause(backbone) -> str:
+    """Why features can be non-finite when the images are finite: the backbone weights."""
+    file = getattr(backbone, "weights_file", None)
+    digest = getattr(backbone, "weights_sha256", None)
+    if not file or digest in (None, RANDOM):
+        return ("the random backbone weights overflow on it (no --weights given); pass the pretrained --weights "
+                "file")
+    return (f"the backbone weights {file} (sha256 {str(digest)[:12]}…) are corrupt or overflow on it; download "
+            "them again")

@@ -12,8 +12,9 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from common.errors import RANDOM  # noqa: F401 (one definition, shared with the finiteness checks)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RANDOM = "RANDOM"
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,32 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from common.errors import UserError
-
-
-class NonFiniteError(UserError, FloatingPointError):
-    """NaN or Inf in features, a memory bank, distances or a training loss, with its cause."""
-
-
-def _kind(x: torch.Tensor) -> str:
-    return "NaN" if bool(torch.isnan(x).any()) else "infinite"
-
-
-def require_finite(x: torch.Tensor, what: str, cause: str) -> None:
-    """One isfinite reduction over the whole tensor (one host sync); `cause` says where it comes from and the fix."""
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"{what} {'are' if what.endswith('s') else 'is'} {_kind(x)}: {cause}")
-
-
-def weights_cause(backbone: Any) -> str:
-    """Why features can be non-finite when the images are finite: the backbone weights."""
-    file = getattr(backbone, "weights_file", None)
-    digest = getattr(backbone, "weights_sha256", None)
-    if not file or digest in (None, "RANDOM"):
-        return ("the random backbone weights overflow on it (no --weights given); pass the pretrained --weights "
-                "file")
-    return (f"the backbone weights {file} (sha256 {str(digest)[:12]}…) are corrupt or overflow on it; download "
-            "them again")
+from common.errors import NonFiniteError, UserError, _kind, require_finite, weights_cause  # noqa: F401 (re-exported)
 
 
 def check_features(feats: torch.Tensor, images: torch.Tensor, samples: Sequence[Any], backbone: Any,
