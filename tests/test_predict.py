@@ -1,0 +1,110 @@
+"""predict.py: the image collection, the one-line refusal of unreadable files, the outputs, and, per method, the
+same image scores as the method's own score files (from its checkpoint, in a fresh model object)."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+CATEGORY = "synth_box"
+
+
+def _png(path: Path, value: int, size=(40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_collect_images_folders_globs_files(tmp_path):
+    from evaluation.predictions import collect_images, relative_name
+
+    a = _png(tmp_path / "d" / "a.png", 10)
+    b = _png(tmp_path / "d" / "sub" / "a.png", 20)  # same name in a sub-folder: kept apart
+    c = _png(tmp_path / "e" / "c.jpg", 30)
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    _png(tmp_path / "d" / ".hidden" / "h.png", 0)
+    paths, base = collect_images([str(tmp_path / "d"), str(tmp_path / "e" / "*.jpg"), str(a)])
+    assert [p.resolve() for p in paths] == sorted(p.resolve() for p in (a, b, c))
+    names = {relative_name(p, base) for p in paths}
+    assert names == {Path("d/a.png"), Path("d/sub/a.png"), Path("e/c.jpg")}
+
+
+def test_collect_images_refuses_empty(tmp_path):
+    from common.errors import UserError
+    from evaluation.predictions import collect_images
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no image files"):
+        collect_images([str(tmp_path / "empty")])
+
+
+def test_read_chunks_refuses_unreadable_alone(tmp_path):
+    from evaluation.predictions import read_chunks
+
+    good = [_png(tmp_path / f"{i}.png", 10 * i) for i in range(5)]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(good[0].read_bytes()[:40])  # truncated
+    paths = good[:2] + [bad] + good[2:]
+    seen, refused = [], []
+    for idx, images, bad_list in read_chunks(paths, chunk=2):
+        assert len(idx) == len(images)
+        seen += idx
+        refused += bad_list
+    assert seen == [0, 1, 3, 4, 5]
+    assert [i for i, _ in refused] == [2] and "broken.png" in refused[0][1]
+    assert np.asarray(Image.open(paths[3])).mean() == 20
+
+
+def test_overlay_scale_is_shared(tmp_path):
+    from evaluation.predictions import overlay_rgb
+
+    im = Image.fromarray(np.full((4, 4, 3), 128, np.uint8))
+    low = np.asarray(overlay_rgb(im, np.zeros((4, 4)), 0.0, 1.0), dtype=float)
+    high = np.asarray(overlay_rgb(im, np.ones((4, 4)), 0.0, 1.0), dtype=float)
+    # a zero map on a [0, 1] scale stays close to the image; a map at the top of the scale does not
+    assert np.abs(low - 128).max() < np.abs(high - 128).max()
+    assert np.abs(low - 128).max() <= 0.15 * 255 + 1
+
+
+def test_scores_csv_round_trip(tmp_path):
+    from evaluation.predictions import read_scores_csv, write_scores_csv
+
+    rows = [{"path": "a.png", "score": 0.1 + 0.2}, {"path": "b.png", "score": -1e-300}]
+    write_scores_csv(tmp_path / "s.csv", rows, ["path", "score"], ["made by a test"])
+    back = read_scores_csv(tmp_path / "s.csv")
+    assert [float(r["score"]) for r in back] == [0.1 + 0.2, -1e-300]  # repr: exact float round trip
+    assert (tmp_path / "s.csv").read_text().startswith("# made by a test\n")
+
+
+def run(args, check=True, **kw):
+    res = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def score_file_scores(root: Path, score_dir: Path, method: str) -> dict[str, float]:
+    """{image path: score} from a method's test score files (logi and struc share the good images)."""
+    from dataset_readers import read_category
+
+    data = read_category("synthetic_loco", CATEGORY, root)
+    out = {}
+    for group, samples in data.score_groups().items():
+        if group == "val":
+            continue
+        arr = np.load(score_dir / f"{CATEGORY}_{method}_{group}_score.npy")
+        for s, v in zip(samples, arr):
+            out[str(Path(s.path).resolve())] = float(v)
+    return out
+
+
+def predicted(out: Path) -> dict[str, dict]:
+    from evaluation.predictions import read_scores_csv
+
+    return {str(Path(r["path"]).resolve()): r for r in read_scores_csv(out / "scores.csv")}
