@@ -12,7 +12,7 @@ import torch
 from methods.csad import label_layout as L
 from methods.csad.pseudo_label import clustering as C
 from methods.csad.pseudo_label import masks as M
-from methods.csad.pseudo_label.config import (CategoryConfig, PseudoLabelError, background_terms,
+from methods.csad.pseudo_label.config import (CategoryConfig, PseudoLabelConfig, PseudoLabelError, background_terms,
                                               is_background_phrase, load_config)
 
 LOG = logging.getLogger("test_pseudo_label")
@@ -28,12 +28,18 @@ def box(h, w, y0, y1, x0, x1):
 
 def test_config_table_matches_spec_and_rejects_unknown_category():
     pp = load_config("pushpins")
-    assert (pp.box_threshold, pp.text_threshold, pp.bandwidth, pp.no_sam, pp.filter_hist) == (0.15, 0.2, 3.5, True, False)
+    assert (pp.box_threshold, pp.text_threshold, pp.settings.bandwidth, pp.no_sam, pp.filter_hist) == \
+        (0.15, 0.2, 3.5, True, False)
     jb = load_config("juice_bottle")
     assert (jb.filter_by_combine, jb.use_grounding_filter, jb.no_sam) == (False, False, False)
-    assert load_config("screw_bag").bandwidth == 3.0 and load_config("splicing_connectors").bandwidth == 4.0
-    assert pp.sam_amg["points_per_side"] == 32 and pp.sam_amg["min_mask_region_area"] == 500
-    assert pp.sam_amg["pred_iou_thresh"] == 0.88 and pp.sam_amg["stability_score_thresh"] == 0.96
+    assert load_config("screw_bag").settings.bandwidth == 3.0
+    assert load_config("splicing_connectors").settings.bandwidth == 4.0
+    # the official SamAutomaticMaskGenerator arguments (hard-coded in Tokichan/CSAD pseudo_label.py segmentation())
+    assert pp.settings.amg_params() == dict(
+        points_per_side=32, points_per_batch=16, pred_iou_thresh=0.88, stability_score_thresh=0.96,
+        stability_score_offset=1.0, box_nms_thresh=0.7, crop_n_layers=1, crop_nms_thresh=0.7,
+        crop_overlap_ratio=512 / 1500, crop_n_points_downscale_factor=1, min_mask_region_area=500,
+        output_mode="binary_mask")
     for cat in ("synth_box", "synth_bottle"):
         assert load_config(cat).text_prompt
     with pytest.raises(PseudoLabelError, match="no stage-1 settings for category 'nope'"):
@@ -77,12 +83,12 @@ def test_filter_by_combine_and_merge_masks():
     big = box(h, w, 0, 60, 0, 60)            # 3600 px, contains small
     other = box(h, w, 70, 90, 70, 90)        # 400 px, disjoint
     tiny = box(h, w, 95, 98, 95, 98)         # 9 px <= 0.1 % of 10^4: dropped
-    kept = M.filter_by_combine(np.stack([big, duplicate, other, small, tiny]))
+    kept = M.filter_by_combine(np.stack([big, duplicate, other, small, tiny]), min_fraction=0.001)
     areas = sorted(int(k.sum()) for k in kept)
     # small accepted first; duplicate overlaps the union by > 90 % -> deferred, and in pass 2 rejected;
     # big is deferred in pass 1 (intersect_ratio uses the smaller set) but accepted in pass 2 (100/3600 < 0.9)
     assert areas == [100, 400, 3600]
-    ids = M.merge_masks(kept)
+    ids = M.merge_masks(kept, min_fraction=0.001)
     assert ids.dtype == np.uint8 and set(np.unique(ids)) == {0, 1, 2, 3}
     assert ids[15, 15] == 3 and ids[5, 5] == 1 and ids[80, 80] == 2  # the small mask overwrites the big one
 
@@ -96,7 +102,7 @@ def test_grounding_filter_background_removal_and_id_map_roundtrip():
     bg = box(h, w, 0, 60, 18, 60)
     left = M.remove_background(comps, bg)
     assert len(left) == 1 and left[0][10, 10]
-    ids = M.merge_masks(comps)
+    ids = M.merge_masks(comps, min_fraction=0.001)
     again = M.instances_from_id_map(ids)
     assert sorted(int(c.sum()) for c in again) == sorted(int(c.sum()) for c in M.id_map_to_stack(ids)[0])
     pts = M.sam_background_points(50, 80)
@@ -201,12 +207,12 @@ def test_hdbscan_main_mode_and_linf_selection():
     hist = np.concatenate([main, minor])
     modes = C.hdbscan_modes(hist, 0.25)  # min_cluster_size 8
     assert len(set(modes[:24])) == 1 and modes[0] >= 0 and modes[0] not in set(modes[24:])
-    sel = C.select_images(hist, modes, filter_hist=True)
+    sel = C.select_images(hist, modes, filter_hist=True, fraction=0.5, min_class_area=0.001)
     mean = hist[:24].mean(0)
     expected = np.sort(np.argsort(np.abs(hist - mean).max(1), kind="stable")[:12])
     np.testing.assert_array_equal(sel.good_indices, expected)
     np.testing.assert_array_equal(sel.main_mode, np.arange(24))
-    both = C.select_images(hist, modes, filter_hist=False)
+    both = C.select_images(hist, modes, filter_hist=False, fraction=0.5, min_class_area=0.001)
     minor_list = np.argsort(np.abs(hist - hist[24:].mean(0)).max(1), kind="stable")[:4]
     assert set(minor_list) <= set(range(24, 32))
     np.testing.assert_array_equal(both.good_indices, np.sort(np.concatenate([expected, minor_list])))
@@ -222,21 +228,24 @@ def test_cluster_components_two_kinds_and_degenerate_bandwidth():
     feats = centres[kinds] + rng.normal(0, 0.005, (len(kinds), 64))
     img = np.repeat(np.arange(n_img), 2 * per)
     area = np.where(kinds == 0, 0.02, 0.05)
-    res = C.cluster_components(feats * 30, img, area, n_img, bandwidth=3.5, filter_hist=True, log=LOG)
+    official = PseudoLabelConfig()
+    kw = dict(n_images=n_img, filter_hist=True, settings=official, seed=0, log=LOG)
+    res = C.cluster_components(feats * 30, img, area, bandwidth=3.5, **kw)
     assert res["class_hist"].shape == (n_img, 2)
     cls = res["component_class"]
     assert set(cls[kinds == 0]) | set(cls[kinds == 1]) == {1, 2} and len(set(cls[kinds == 0])) == 1
     assert cls[kinds == 0][0] != cls[kinds == 1][0]
     with pytest.raises(PseudoLabelError, match="raise --bandwidth"):
-        C.cluster_components(feats * 1e4, img, area, n_img, bandwidth=1e-3, filter_hist=True, log=LOG)
+        C.cluster_components(feats * 1e4, img, area, bandwidth=1e-3, **kw)
     # most images have no component at all: that cluster is skipped, the images with components form the mode
     few = np.isin(img, [0, 1, 2])
-    res = C.cluster_components(feats[few] * 30, img[few], area[few], n_img, 3.5, True, small_fraction=0.2, log=LOG)
+    res = C.cluster_components(feats[few] * 30, img[few], area[few], bandwidth=3.5,
+                               **{**kw, "settings": PseudoLabelConfig(small_cluster_fraction=0.2)})
     assert res["class_hist"].shape == (n_img, 2) and set(res["main_mode"]) <= {0, 1, 2}
     with pytest.raises(PseudoLabelError, match=r"without any clustered component \(10 of 10 images"):
-        C.select_images(np.zeros((10, 2)), np.zeros(10, np.int64), True)
+        C.select_images(np.zeros((10, 2)), np.zeros(10, np.int64), True, 0.5, 0.001)
     with pytest.raises(PseudoLabelError, match="no components"):
-        C.cluster_components(np.zeros((0, 64)), img[:0], area[:0], n_img, 3.5, True, log=LOG)
+        C.cluster_components(np.zeros((0, 64)), img[:0], area[:0], bandwidth=3.5, **kw)
 
 
 # --- descriptors + pipeline on constructed masks ---------------------------------------------------------------------
@@ -291,14 +300,28 @@ def lite0_descriptor(lite0_weights):
     from methods.csad.pseudo_label.descriptors import ComponentDescriptor
 
     return ComponentDescriptor(load_backbone("efficientnet_lite0", lite0_weights), torch.device("cpu"),
-                               crop_size=65, n_rotations=12)
+                               crop_size=65, n_rotations=12, max_batch=1024)
 
 
-def test_pipeline_on_constructed_masks_two_kinds_two_classes(tmp_path, lite0_descriptor):
+def test_pipeline_on_constructed_masks_two_kinds_two_classes(tmp_path, lite0_descriptor, monkeypatch):
     """Segmentation files are given (discs and squares); descriptors + MeanShift + HDBSCAN must give two classes
-    that match the kinds pixel for pixel; a re-cluster reuses the descriptor cache."""
+    that match the kinds pixel for pixel; a re-cluster reuses the descriptor cache. Every step is measured as a
+    named stage of its category."""
+    import contextlib
+    import dataclasses
+
     from dataset_readers.base import CategoryData, Sample
+    from methods.csad.pseudo_label import pipeline
     from methods.csad.pseudo_label.pipeline import Options, run_category
+
+    stages = []
+
+    @contextlib.contextmanager
+    def record(name, **info):  # stands in for common.memory.stage, which is off in tests
+        stages.append((name, info))
+        yield {}
+
+    monkeypatch.setattr(pipeline, "stage", record)
 
     rng = np.random.default_rng(0)
     root = tmp_path / "masks"
@@ -315,16 +338,18 @@ def test_pipeline_on_constructed_masks_two_kinds_two_classes(tmp_path, lite0_des
         L.write_background(d / L.BACKGROUND, ids == 0)
         truth[stem] = (ids, kinds)
     data = CategoryData("folder", "two_kinds", tmp_path, samples, [], [])
-    cfg = CategoryConfig("two_kinds", "disc . square .", "", 0.3, 0.2, True, True, bandwidth=3.5,
-                         filter_hist=True, common=load_config("synth_box").common)
+    cfg = CategoryConfig("two_kinds", "disc . square .", "", 0.3, 0.2, use_grounding_filter=True, no_sam=True,
+                         filter_hist=True, filter_by_combine=True, settings=PseudoLabelConfig(bandwidth=3.5))
 
     def no_segmenter():
         raise AssertionError("segmentation files exist; the segmenter must not be built")
 
+    kw = dict(make_segmenter=no_segmenter, descriptor_meta={"test": 1}, log=LOG)
     # the default bandwidth 3.5 (projected lite0 layer4: within-kind distances <= 3.2, between-kind >= 11.9)
-    summary = run_category(data, cfg, Options(masks_root=root), no_segmenter, lambda: lite0_descriptor,
-                           {"test": 1}, LOG)
+    summary = run_category(data, cfg, Options(masks_root=root, seed=0), make_descriptor=lambda: lite0_descriptor,
+                           **kw)
     assert summary["K"] == 2 and summary["components"] == 24
+    assert stages == [(name, {"category": "two_kinds"}) for name in ("segment", "load", "describe", "cluster", "write")]
     stems = L.check_layout("two_kinds", root)
     mapping = {}
     for stem in stems:
@@ -340,10 +365,12 @@ def test_pipeline_on_constructed_masks_two_kinds_two_classes(tmp_path, lite0_des
     def no_descriptor():
         raise AssertionError("descriptors are cached; re-clustering must not recompute them")
 
-    summary = run_category(data, cfg, Options(masks_root=root, recluster=True, bandwidth=50.0), no_segmenter,
-                           no_descriptor, {"test": 1}, LOG)
+    wide = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, bandwidth=50.0))
+    summary = run_category(data, wide, Options(masks_root=root, seed=0, recluster=True),
+                           make_descriptor=no_descriptor, **kw)
     assert summary["K"] == 1  # a huge bandwidth merges the two kinds
-    skipped = run_category(data, cfg, Options(masks_root=root), no_segmenter, no_descriptor, {"test": 1}, LOG)
+    assert "bandwidth: 50.0\n" in (root / "two_kinds" / "info" / "info.txt").read_text()
+    skipped = run_category(data, cfg, Options(masks_root=root, seed=0), make_descriptor=no_descriptor, **kw)
     assert skipped.get("skipped")
 
 
@@ -449,8 +476,8 @@ def test_segmenter_paths_on_tiny_models(tiny_grounding):
     from models.sam_loader import load_sam
     from methods.csad.pseudo_label.segment import Segmenter
 
-    amg = dict(load_config("synth_box").sam_amg, points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0,
-               min_mask_region_area=0)
+    amg = PseudoLabelConfig(amg_points_per_side=2, amg_pred_iou_thresh=0.0, amg_stability_score_thresh=0.0,
+                            amg_min_mask_region_area=0).amg_params()
     seg = Segmenter(GroundingPredictor(tiny_grounding, 64, 96), load_sam(checkpoint="tiny"), amg)
     img = np.random.default_rng(1).integers(0, 255, (60, 72, 3), dtype=np.uint8)
 

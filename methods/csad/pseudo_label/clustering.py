@@ -6,13 +6,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import PseudoLabelError
+from .config import PseudoLabelConfig, PseudoLabelError
+
+PROJECTION_STD = 0.01  # official: projector.weight.data.normal_(mean=0.0, std=0.01), bias zero
 
 
-def random_projection(feats: np.ndarray, out_dim: int = 512, seed: int = 0, std: float = 0.01) -> np.ndarray:
-    """x W^T with W ~ N(0, std^2) of shape (out_dim, in_dim), bias 0. Seeded (the official layer is not)."""
+def random_projection(feats: np.ndarray, out_dim: int, seed: int) -> np.ndarray:
+    """x W^T with W ~ N(0, PROJECTION_STD^2) of shape (out_dim, in_dim), bias 0. Seeded (the official layer is
+    not)."""
     rng = np.random.default_rng(seed)
-    w = rng.normal(0.0, std, size=(out_dim, feats.shape[1]))
+    w = rng.normal(0.0, PROJECTION_STD, size=(out_dim, feats.shape[1]))
     return feats.astype(np.float64) @ w.T
 
 
@@ -27,7 +30,7 @@ def meanshift_labels(x: np.ndarray, bandwidth: float, n_jobs: int | None = None)
     return MeanShift(bandwidth=bandwidth, cluster_all=True, n_jobs=n_jobs).fit(x).labels_.astype(np.int64)
 
 
-def drop_small_clusters(labels: np.ndarray, n_images: int, fraction: float = 0.5) -> np.ndarray:
+def drop_small_clusters(labels: np.ndarray, n_images: int, fraction: float) -> np.ndarray:
     """Clusters with fewer than floor(fraction * n_images) members -> -1; the rest are re-indexed 0..C-1 in order
     of their original label."""
     ids, counts = np.unique(labels, return_counts=True)
@@ -46,7 +49,7 @@ def area_histograms(labels: np.ndarray, image_index: np.ndarray, areas: np.ndarr
     return hist
 
 
-def hdbscan_modes(hist: np.ndarray, min_fraction: float = 0.1, log=None) -> np.ndarray:
+def hdbscan_modes(hist: np.ndarray, min_fraction: float, log=None) -> np.ndarray:
     """HDBSCAN image clusters on the histograms with min_cluster_size = floor(min_fraction * N), decremented while
     only noise is found. Degenerate input (fewer than 2 usable images or all noise) -> every image in mode 0."""
     from sklearn.cluster import HDBSCAN
@@ -72,8 +75,8 @@ class Selection:
     kept_clusters: np.ndarray  # surviving cluster labels kept as classes 1..K (in this order)
 
 
-def select_images(hist: np.ndarray, modes: np.ndarray, filter_hist: bool, fraction: float = 0.5,
-                  min_class_area: float = 0.001) -> Selection:
+def select_images(hist: np.ndarray, modes: np.ndarray, filter_hist: bool, fraction: float,
+                  min_class_area: float) -> Selection:
     """For each HDBSCAN cluster: rank all images by the L-inf distance to its mean histogram and take the first
     floor(fraction * size). filter_hist keeps only the largest cluster's list, else all lists are concatenated.
     Classes: clusters whose mean area over the largest HDBSCAN cluster's images exceeds min_class_area."""
@@ -104,30 +107,30 @@ def select_images(hist: np.ndarray, modes: np.ndarray, filter_hist: bool, fracti
     return Selection(good, main_idx, kept)
 
 
-def cluster_components(feats: np.ndarray, image_index: np.ndarray, areas: np.ndarray, n_images: int,
-                       bandwidth: float, filter_hist: bool, proj_dim: int = 512, reduce_dim: bool = True,
-                       seed: int = 0, small_fraction: float = 0.5, hdbscan_fraction: float = 0.1,
-                       select_fraction: float = 0.5, min_class_area: float = 0.001, n_jobs: int | None = None,
-                       log=None) -> dict:
-    """The whole clustering chain of `ClassHistogram`. Returns component class ids (0 = unassigned, 1..K), the raw surviving labels
-    (-1 = dropped), the raw (N, C) and filtered (N, K) histograms, the good indices and the HDBSCAN modes."""
-    x = random_projection(feats, proj_dim, seed) if reduce_dim else feats.astype(np.float64)
+def cluster_components(feats: np.ndarray, image_index: np.ndarray, areas: np.ndarray, *, n_images: int,
+                       bandwidth: float, filter_hist: bool, settings: PseudoLabelConfig, seed: int,
+                       n_jobs: int | None = None, log=None) -> dict:
+    """The whole clustering chain of `ClassHistogram` with the fractions of `settings`. Returns component class ids
+    (0 = unassigned, 1..K), the raw surviving labels (-1 = dropped), the raw (N, C) and filtered (N, K)
+    histograms, the good indices and the HDBSCAN modes."""
+    s = settings
+    x = random_projection(feats, s.proj_dim, seed) if s.reduce_dim else feats.astype(np.float64)
     raw = meanshift_labels(x, bandwidth, n_jobs)
-    labels = drop_small_clusters(raw, n_images, small_fraction)
+    labels = drop_small_clusters(raw, n_images, s.small_cluster_fraction)
     n_clusters = int(labels.max(initial=-1)) + 1
     if n_clusters == 0:
         raise PseudoLabelError(
             f"MeanShift (bandwidth {bandwidth}) found {len(np.unique(raw))} clusters of {len(raw)} components, none "
-            f"present in at least {int(small_fraction * n_images)} of {n_images} images; raise --bandwidth (or the "
-            "category's 'bandwidth' in configs/csad_pseudo_label.json)")
+            f"present in at least {int(s.small_cluster_fraction * n_images)} of {n_images} images; raise --bandwidth "
+            "(or the category's 'bandwidth' in configs/csad_pseudo_label.json)")
     hist = area_histograms(labels, image_index, areas, n_images, n_clusters)
-    modes = hdbscan_modes(hist, hdbscan_fraction, log)
-    sel = select_images(hist, modes, filter_hist, select_fraction, min_class_area)
+    modes = hdbscan_modes(hist, s.hdbscan_min_fraction, log)
+    sel = select_images(hist, modes, filter_hist, s.select_fraction, s.min_class_area)
     skipped = [m for m in np.unique(modes[modes >= 0]) if hist[modes == m].sum() == 0]
     if skipped and log is not None:
         log.warning("skipped %d HDBSCAN image cluster(s) made of images without any component", len(skipped))
     if len(sel.kept_clusters) == 0:
-        raise PseudoLabelError(f"no component class covers more than {min_class_area:.2%} of the typical images; "
+        raise PseudoLabelError(f"no component class covers more than {s.min_class_area:.2%} of the typical images; "
                                "check the segmentation (refined_masks.png) or lower --bandwidth")
     to_class = np.zeros(n_clusters + 1, np.int64)  # index -1 (dropped) -> 0
     to_class[sel.kept_clusters] = np.arange(1, len(sel.kept_clusters) + 1)

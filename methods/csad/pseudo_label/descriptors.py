@@ -1,5 +1,8 @@
-"""Component descriptors "cnn_image" (`Tokichan/CSAD models/component_feature_extractor.py`): each instance is cut out, aligned to a 65x65 crop, rotated
-to R angles, and the backbone's layer4 global-average features are averaged over the rotations."""
+"""Component descriptors "cnn_image" (`Tokichan/CSAD models/component_feature_extractor.py`): each instance is cut
+out, aligned to a square crop (official 65x65), rotated to R angles (official 60), and the backbone's layer4
+global-average features are averaged over the rotations. The official configs' feature_list is ["cnn_image"] in
+every category, and its other features (area, colour, position, Hu moments) are computed but never clustered, so
+only this descriptor exists here."""
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +21,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def align_instance(image: np.ndarray, mask: np.ndarray, size: int = 65) -> np.ndarray:
+def align_instance(image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
     """(size, size, 3) uint8: pixels outside the mask zeroed, cropped to the largest external contour's bounding
     box, scaled by size / (diagonal of its min-area rectangle + 1) (sides clamped to <= size), zero-padded centred."""
     m = mask.astype(np.uint8)
@@ -58,8 +61,8 @@ class ComponentDescriptor:
     """Rotation-averaged layer4 descriptor of aligned component crops; all rotations of all instances of an image
     go through the backbone in one batch (split into chunks of `max_batch` crops to bound memory)."""
 
-    def __init__(self, backbone: torch.nn.Module, device: torch.device, crop_size: int = 65,
-                 n_rotations: int = 60, max_batch: int = 1024, layer: str = "layer4"):
+    def __init__(self, backbone: torch.nn.Module, device: torch.device, *, crop_size: int, n_rotations: int,
+                 max_batch: int, layer: str = "layer4"):
         from models.feature_extractor import FeatureExtractor
 
         self.extractor = FeatureExtractor(backbone.to(device), [layer])

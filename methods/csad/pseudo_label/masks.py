@@ -66,7 +66,7 @@ def remove_background(comps: np.ndarray, background: np.ndarray, threshold: floa
     return comps[ratios_to(comps, background) < threshold]
 
 
-def filter_by_combine(masks: np.ndarray, min_fraction: float = 0.001, threshold: float = 0.9) -> np.ndarray:
+def filter_by_combine(masks: np.ndarray, min_fraction: float, threshold: float = 0.9) -> np.ndarray:
     """De-overlap (`segmentation`, filter_by_combine): drop masks <= min_fraction of the image; visit the rest by ascending area and
     accept a mask when intersect_ratio(union of accepted, mask) < threshold (the first is always accepted);
     then a second pass accepts deferred masks whose |mask ∩ union| / |mask| < threshold."""
@@ -91,7 +91,7 @@ def filter_by_combine(masks: np.ndarray, min_fraction: float = 0.001, threshold:
     return masks[np.asarray(accepted, dtype=np.int64)]
 
 
-def merge_masks(masks: np.ndarray, min_fraction: float = 0.001) -> np.ndarray:
+def merge_masks(masks: np.ndarray, min_fraction: float) -> np.ndarray:
     """Instance-id map (`grounding_segmentation`'s merge_masks): drop masks <= min_fraction, paint by descending area with ids 1..n, so
     smaller masks overwrite larger ones. At most 255 instances (the largest are kept)."""
     if len(masks) == 0:

@@ -41,7 +41,7 @@ def _amg_class():
 class Segmenter:
     """Holds the models; `segment(image, cfg)` runs both steps on one RGB uint8 image."""
 
-    def __init__(self, grounder, sam, amg_params: dict, official_background_match: bool = False,
+    def __init__(self, grounder, sam, amg_params: dict, *, official_background_match: bool = False,
                  amg_for_no_sam: bool = False):
         from segment_anything_hq import SamPredictor
 
@@ -83,14 +83,14 @@ class Segmenter:
         is_bg = np.array([is_background_phrase(p, terms) for p in phrases], dtype=bool)
         background = masks[is_bg].any(0) if is_bg.any() else np.zeros((h, w), bool)
         fg = masks[~is_bg]
-        min_frac = cfg.common.get("min_instance_fraction", 0.001)
+        min_frac = cfg.settings.min_instance_fraction
         if cfg.filter_by_combine:
             fg = M.filter_by_combine(fg, min_fraction=min_frac)
         return M.merge_masks(fg, min_fraction=min_frac), background, len(boxes)
 
     def segment(self, image: np.ndarray, cfg: CategoryConfig) -> ImageMasks:
         h, w = image.shape[:2]
-        min_frac = cfg.common.get("min_instance_fraction", 0.001)
+        min_frac = cfg.settings.min_instance_fraction
         self.predictor.set_image(image)  # RGB; the encoder runs once for boxes and background points
         grounding, g_background, n_boxes = self.grounded_sam(image, cfg)
         background = self.sam_background(image)
