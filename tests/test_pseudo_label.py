@@ -2,6 +2,8 @@
 constructed data with a known answer; the real model-loading and inference code on tiny random models."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 
 import cv2
@@ -44,6 +46,88 @@ def test_config_table_matches_spec_and_rejects_unknown_category():
         assert load_config(cat).text_prompt
     with pytest.raises(PseudoLabelError, match="no stage-1 settings for category 'nope'"):
         load_config("nope")
+
+
+def test_settings_defaults_are_the_official_values_and_fast_changes_only_sizes():
+    d = PseudoLabelConfig()
+    # Tokichan/CSAD: component_feature_extractor.py (65, 60), class_histogram/*.yaml (reduce_dim, proj_dim),
+    # pseudo_label.py ClassHistogram (0.5, 0.1, 0.5, 0.001), filter_small_masks (0.001), grounded_sam.py (800, 1333)
+    assert (d.crop_size, d.n_rotations, d.reduce_dim, d.proj_dim) == (65, 60, True, 512)
+    assert (d.small_cluster_fraction, d.hdbscan_min_fraction, d.select_fraction, d.min_class_area) == \
+        (0.5, 0.1, 0.5, 0.001)
+    assert (d.min_instance_fraction, d.grounding_short_side, d.grounding_max_size, d.sam_model) == \
+        (0.001, 800, 1333, "vit_h")
+    assert (d.bandwidth, d.bandwidth_retries, d.grounding_ckpt, d.sam_ckpt) == (None, 0, None, None)
+    fast = PseudoLabelConfig.fast()
+    changed = {f.name for f in dataclasses.fields(d) if getattr(fast, f.name) != getattr(d, f.name)}
+    assert changed == {"grounding_ckpt", "sam_ckpt", "grounding_short_side", "grounding_max_size", "n_rotations",
+                       "bandwidth_retries", "amg_points_per_side", "amg_pred_iou_thresh",
+                       "amg_stability_score_thresh"}
+    assert PseudoLabelConfig.fast(n_rotations=3).n_rotations == 3
+
+
+def _config_copy(tmp_path, edit) -> str:
+    from methods.csad.pseudo_label.config import DEFAULT_CONFIG
+
+    raw = json.loads(DEFAULT_CONFIG.read_text())
+    edit(raw)
+    path = tmp_path / "stage1.json"
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+def test_entry_overrides_the_preset_and_an_explicit_flag_overrides_the_entry(tmp_path):
+    from pseudo_label import category_configs, parse_args
+
+    path = _config_copy(tmp_path, lambda raw: raw["categories"]["synth_box"].update(n_rotations=4, bandwidth=9))
+    cfgs = category_configs(parse_args(["--fast", "--config", path, "--bandwidth", "2", "--crop-size", "33"]),
+                            ["synth_box", "synth_bottle"])
+    box, bottle = cfgs["synth_box"].settings, cfgs["synth_bottle"].settings
+    assert (box.n_rotations, box.bandwidth, box.crop_size, box.grounding_ckpt) == (4, 2.0, 33, "tiny")
+    assert (bottle.n_rotations, bottle.bandwidth, bottle.crop_size) == (8, 2.0, 33)
+    cfgs = category_configs(parse_args(["--config", path]), ["synth_box", "synth_bottle"])
+    assert cfgs["synth_box"].settings == dataclasses.replace(PseudoLabelConfig(), n_rotations=4, bandwidth=9.0)
+    assert type(cfgs["synth_box"].settings.bandwidth) is float  # JSON 9 -> 9.0, as the flag would give
+    assert cfgs["synth_bottle"].settings == dataclasses.replace(PseudoLabelConfig(), bandwidth=3.5)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda r: r.update(common={"crop_size": 65}), r"top-level key\(s\) \['common'\] are not read"),
+    (lambda r: r["categories"]["synth_box"].update(n_rotations="8"), r"'n_rotations' must be a JSON int, got \"8\""),
+    (lambda r: r["categories"]["synth_box"].update(no_sam=1), r"'no_sam' must be a JSON bool"),
+    (lambda r: r["categories"]["synth_box"].update(feature_list=["cnn_image"]), r"unknown key\(s\) \['feature_list'\]"),
+    (lambda r: r["categories"]["synth_box"].update(min_class_area=2), r"'min_class_area' must lie in \[0, 1\]"),
+    (lambda r: r["categories"]["synth_box"].update(bandwidth=0), r"'bandwidth' must be > 0"),
+    (lambda r: r["categories"]["synth_box"].update(sam_model="vit_x"), r"'sam_model' must be one of"),
+    (lambda r: r["categories"]["synth_box"].pop("filter_by_combine"), r"lacks \['filter_by_combine'\]"),
+])
+def test_config_mistakes_name_the_file_entry_and_key(tmp_path, edit, pattern):
+    path = _config_copy(tmp_path, edit)
+    with pytest.raises(PseudoLabelError, match=pattern) as err:
+        load_config("synth_box", path)
+    assert path in str(err.value)
+
+
+def test_flags_keep_their_names_and_build_the_config():
+    from common.config import config_from_args
+    from pseudo_label import build_parser, parse_args
+
+    a = parse_args(["--sam-model", "vit_b", "--grounding-ckpt", "g.pth", "--sam-ckpt", "random", "--bandwidth", "3",
+                    "--max-batch", "7", "--no-reduce-dim", "--official"])
+    cfg = config_from_args(PseudoLabelConfig, a)
+    assert (cfg.sam_model, cfg.grounding_ckpt, cfg.sam_ckpt, cfg.bandwidth, cfg.max_batch, cfg.reduce_dim) == \
+        ("vit_b", "g.pth", "random", 3.0, 7, False)
+    assert a.official_background_match is True and a.amg_for_no_sam is True
+    assert config_from_args(PseudoLabelConfig, parse_args([])) == PseudoLabelConfig()
+    assert config_from_args(PseudoLabelConfig, parse_args(["--fast"])) == PseudoLabelConfig.fast()
+    assert config_from_args(PseudoLabelConfig, parse_args(["--fast", "--n-rotations", "60"])) == \
+        PseudoLabelConfig.fast(n_rotations=60)  # an explicit flag equal to the full default still wins
+    dests = {action.dest for action in build_parser()._actions}
+    assert {f.name for f in dataclasses.fields(PseudoLabelConfig)} <= dests
+    from pseudo_label import category_configs
+
+    with pytest.raises(PseudoLabelError, match=r"^--n-rotations must be > 0, got 0"):  # the flag, not the file
+        category_configs(parse_args(["--n-rotations", "0"]), ["synth_box"])
 
 
 def test_background_prompt_matching_fixed_vs_official():
@@ -502,6 +586,36 @@ def test_segmenter_paths_on_tiny_models(tiny_grounding):
     assert calls == [(60, 72, 3)] and res.refined_masks.shape == (60, 72)
     # refined instances are a de-overlapped subset of all_masks' pixels
     assert ((res.refined_masks > 0) <= (res.all_masks > 0)).all()
+
+
+def test_models_load_once_and_build_each_categorys_segmenter_and_descriptor(lite0_weights):
+    """Settings may differ per category: the models are loaded once, the cheap wrappers follow the settings."""
+    from pseudo_label import Models, parse_args
+
+    models = Models(parse_args(["--backbone", "efficientnet_lite0", "--weights", str(lite0_weights)]),
+                    torch.device("cpu"))
+    try:
+        fast = PseudoLabelConfig.fast()
+        seg = models.segmenter(fast)
+        assert models.segmenter(PseudoLabelConfig.fast()) is seg
+        other = models.segmenter(PseudoLabelConfig.fast(amg_pred_iou_thresh=0.5, grounding_short_side=96))
+        assert other is not seg and other.grounder.model is seg.grounder.model
+        assert other.predictor.model is seg.predictor.model
+        assert (seg.amg.pred_iou_thresh, other.amg.pred_iou_thresh) == (0.0, 0.5)
+        desc = models.descriptor(fast)
+        assert models.descriptor(PseudoLabelConfig.fast()) is desc
+        more = models.descriptor(PseudoLabelConfig.fast(n_rotations=4))
+        assert more.extractor.backbone is desc.extractor.backbone and (desc.n_rotations, more.n_rotations) == (8, 4)
+        img = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        inst = box(40, 40, 5, 30, 10, 20)[None]
+        from methods.csad.pseudo_label.descriptors import ComponentDescriptor
+        from models.backbones import load_backbone
+
+        alone = ComponentDescriptor(load_backbone("efficientnet_lite0", lite0_weights), torch.device("cpu"),
+                                    crop_size=fast.crop_size, n_rotations=4, max_batch=fast.max_batch)
+        np.testing.assert_allclose(more(img, inst), alone(img, inst), rtol=1e-5, atol=1e-6)  # shared backbone
+    finally:
+        models.close()
 
 
 def test_cli_fast_writes_every_file(tmp_path, lite0_weights):

@@ -29,10 +29,11 @@ class PseudoLabelConfig:
     """Stage-1 settings shared by every category (official values; per-category entries may override them)."""
     # models (official `grounding_segmentation` / `segmentation`: Grounding DINO SwinT-OGC, HQ-SAM vit_h)
     sam_model: str = opt("vit_h", "HQ-SAM architecture", choices=SAM_MODELS)
-    grounding_ckpt: str | None = opt(None, "Grounding DINO SwinT-OGC file (None: <ckpt-dir>/groundingdino_swint_ogc"
-                                           ".pth); 'tiny': tiny random model", type=str)
-    sam_ckpt: str | None = opt(None, "HQ-SAM file (None: <ckpt-dir>/sam_hq_<model>.pth); 'tiny': tiny random model; "
-                                     "'random': the --sam-model architecture with random weights", type=str)
+    grounding_ckpt: str | None = opt(None, "Grounding DINO SwinT-OGC file (unset: <ckpt-dir>/groundingdino_swint_"
+                                           "ogc.pth); 'tiny': tiny random model", type=str, metavar="FILE")
+    sam_ckpt: str | None = opt(None, "HQ-SAM file (unset: <ckpt-dir>/sam_hq_<model>.pth); 'tiny': tiny random model; "
+                                     "'random': the --sam-model architecture with random weights", type=str,
+                               metavar="FILE")
     # Grounding DINO input (grounded_sam.py: T.RandomResize([800], max_size=1333))
     grounding_short_side: int = opt(800, "Grounding DINO input short side")
     grounding_max_size: int = opt(1333, "Grounding DINO input longest side at most")
@@ -57,8 +58,8 @@ class PseudoLabelConfig:
     # clustering (official ClassHistogram; reduce_dim / proj_dim / max_hyper from configs/class_histogram/*.yaml)
     reduce_dim: bool = opt(True, "random projection of the descriptors before MeanShift")
     proj_dim: int = opt(512, "random projection output size")
-    bandwidth: float | None = opt(None, "MeanShift bandwidth (official max_hyper); None: the category's entry",
-                                  type=float)
+    bandwidth: float | None = opt(None, "MeanShift bandwidth (official max_hyper); unset: the category's value in "
+                                        "--config", type=float)
     bandwidth_retries: int = opt(0, "double the bandwidth up to this many times when no cluster or class survives "
                                     "(random descriptors have no calibrated scale)")
     small_cluster_fraction: float = opt(0.5, "clusters need at least this many members per training image")
@@ -105,18 +106,20 @@ _SHARES = ("min_instance_fraction", "small_cluster_fraction", "hdbscan_min_fract
            "min_class_area", "box_threshold", "text_threshold")
 
 
+_TYPES = {"str": str, "float": float, "bool": bool, "int": int}
+
+
 def _expected_type(name: str) -> type:
+    """The Python type of a key's value: CategoryConfig's annotation, or the setting's declared type / default."""
     if name in CATEGORY_KEYS:
-        return {f.name: f for f in fields(CategoryConfig)}[name].type
+        return _TYPES[{f.name: f for f in fields(CategoryConfig)}[name].type]
     f = {f.name: f for f in fields(PseudoLabelConfig)}[name]
-    default = f.default
-    return f.metadata.get("type") or type(default)
+    return f.metadata.get("type") or type(f.default)
 
 
 def _typed(name: str, value, where: str):
-    """JSON value -> the field's type (int accepted for a float); anything else is refused naming the fix."""
+    """JSON value -> the key's type (an int is accepted for a float); anything else is refused naming the fix."""
     want = _expected_type(name)
-    want = {"str": str, "float": float, "bool": bool, "int": int}.get(want, want) if isinstance(want, str) else want
     if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if want is int and isinstance(value, int) and not isinstance(value, bool):
@@ -146,15 +149,18 @@ def _read(path: Path) -> dict:
     return raw
 
 
-def _check_ranges(cfg: CategoryConfig, where: str) -> None:
+def _check_ranges(cfg: CategoryConfig, where: str, explicit: set[str]) -> None:
     values = {**dataclasses.asdict(cfg.settings), **{k: getattr(cfg, k) for k in CATEGORY_KEYS}}
+
+    def origin(name: str) -> str:
+        return f"--{name.replace('_', '-')}" if name in explicit else f"{where}: '{name}'"
+
     for name in _POSITIVE:
         if values[name] is not None and not values[name] > 0:
-            raise PseudoLabelError(f"{where}: '{name}' must be > 0, got {values[name]}; fix the value or its flag")
+            raise PseudoLabelError(f"{origin(name)} must be > 0, got {values[name]}; fix the value")
     for name in _SHARES:
         if not 0 <= values[name] <= 1:
-            raise PseudoLabelError(f"{where}: '{name}' must lie in [0, 1], got {values[name]}; fix the value or "
-                                   "its flag")
+            raise PseudoLabelError(f"{origin(name)} must lie in [0, 1], got {values[name]}; fix the value")
 
 
 def load_config(category: str, path: str | os.PathLike | None = None, *, base: PseudoLabelConfig | None = None,
@@ -184,7 +190,7 @@ def load_config(category: str, path: str | os.PathLike | None = None, *, base: P
     over = {k: v for k, v in values.items() if k in SETTING_KEYS and k not in keep}
     settings = dataclasses.replace(base if base is not None else PseudoLabelConfig(), **over)
     cfg = CategoryConfig(category=category, settings=settings, **{k: values[k] for k in CATEGORY_KEYS})
-    _check_ranges(cfg, where)
+    _check_ranges(cfg, where, keep)
     return cfg
 
 

@@ -1,8 +1,8 @@
 """Component descriptors "cnn_image" (`Tokichan/CSAD models/component_feature_extractor.py`): each instance is cut
 out, aligned to a square crop (official 65x65), rotated to R angles (official 60), and the backbone's layer4
 global-average features are averaged over the rotations. The official configs' feature_list is ["cnn_image"] in
-every category, and its other features (area, colour, position, Hu moments) are computed but never clustered, so
-only this descriptor exists here."""
+every category, so the other features the official extractor computes (area, colour, position, Hu moments) are
+never clustered; only this descriptor exists here."""
 from __future__ import annotations
 
 import hashlib
