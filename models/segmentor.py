@@ -86,13 +86,16 @@ def save_segmentor(path: str | os.PathLike, model: Segmentor, backbone: str, res
 
 
 def load_segmentor(path: str | os.PathLike, device: torch.device | str = "cpu") -> Segmentor:
-    """Segmentor in eval mode on `device`; its checkpoint config is in `model.ckpt_config`
-    (num_classes, in_channels, backbone, resolution, layers)."""
+    """The network alone, in eval mode on `device`, from a segmentor checkpoint (train_segmentor.py's also holds
+    the Patch Histogram: load the whole model with methods.csad.segmentor.PatchHistModel.load). Its checkpoint
+    config is in `model.ckpt_config` (num_classes, in_channels, backbone, resolution, layers)."""
     from common.io import load_checkpoint
+
+    from common.errors import CheckpointError
 
     ckpt = load_checkpoint(path, map_location="cpu", hint="train it with: python train_segmentor.py --categories <category>")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise RuntimeError(f"{path} is not a segmentor checkpoint (no state_dict/config); re-run train_segmentor.py")
+        raise CheckpointError(f"{path} is not a segmentor checkpoint (no state_dict/config); re-run train_segmentor.py")
     cfg = ckpt["config"]
     model = Segmentor(cfg["num_classes"], cfg["in_channels"])
     model.load_state_dict(ckpt["state_dict"])

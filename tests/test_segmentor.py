@@ -276,7 +276,7 @@ def test_lsa_centre_mask_warp_and_zero_masked_source():
     for official in (False, True):
         cfg = SegmentorConfig(lsa_points=500, lsa_attempts=20, max_aug_num=1, official_lsa=official)
         lsa = LabeledLSA(cfg, np.random.default_rng(1))
-        found = lsa.find_location(comp, [], lab, background, 0.5, mandatory=True)
+        found = lsa.find_location(comp, [], lab, background, threshold=0.5, mandatory=True)
         mat, _, wm = found
         mask255 = inst * 255
         ref_mask = cv2.warpAffine(mask255, mat, (64, 64), flags=cv2.INTER_LINEAR) > 200
@@ -313,7 +313,8 @@ def test_lsa_resamples_the_component_every_10_attempts_unless_official():
     for official in (False, True):
         cfg = SegmentorConfig(lsa_points=200, lsa_attempts=25, official_lsa=official)
         queue = [b]
-        found = LabeledLSA(cfg, np.random.default_rng(0)).find_location(a, queue, lab, everywhere, 0.5, True)
+        found = LabeledLSA(cfg, np.random.default_rng(0)).find_location(a, queue, lab, everywhere, threshold=0.5,
+                                                                        mandatory=True)
         if official:  # never re-sampled; the mandatory paste uses the last attempt anyway
             assert queue == [b] and found is not None and found[1] is a
         else:  # b taken at attempt 10, nothing accepted, no paste
@@ -331,20 +332,33 @@ def test_light_augment_keeps_labels_aligned():
     assert abs(int(inside.sum()) - 600) < 60  # small shift/scale/rotation only
 
 
-def test_config_defaults_and_official_flags():
-    from methods.csad.segmentor import make_config
+def test_config_defaults_fast_preset_and_flag_precedence():
+    from methods.csad.segmentor import SegmentorConfig, make_config
     import train_segmentor
 
     c = make_config("breakfast_box")
     assert (c.resolution, c.epochs, c.sup_only_epochs, c.batch_size, c.lr, c.weight_decay) == (256, 120, 50, 4, 0.01, 1e-5)
     assert (c.ce_weight, c.focal_weight, c.dice_weight, c.hist_weight, c.entropy_weight) == (0.5, 10, 1, 10, 1)
+    assert (c.lsa_points, c.lsa_attempts, c.min_distance, c.eval_batch, c.dtype) == (10000, 500, 0.2, 16, "fp32")
     assert c.fill_holes and not c.ce_on_logits and not c.official_lsa and not c.official_hole_fill
     assert make_config("screw_bag").min_distance == 0.1 and not make_config("screw_bag").fill_holes
+    fast = SegmentorConfig.fast()
+    assert (fast.resolution, fast.epochs, fast.sup_only_epochs, fast.lsa_points, fast.lsa_attempts) == (64, 12, 6, 2000, 100)
+
+    def cfg(category, *argv):
+        return train_segmentor.category_config(train_segmentor.parse_args(list(argv)), category)
+
     args = train_segmentor.parse_args(["--ce-on-logits", "--official-lsa", "--official-hole-fill"])
     assert args.seed == 42 and args.labels == "pseudo" and args.masks_root.endswith("datasets/masks")
-    f = make_config("juice_bottle", fast=True, ce_on_logits=args.ce_on_logits, official_lsa=args.official_lsa,
-                    official_hole_fill=args.official_hole_fill, epochs=None)
+    f = cfg("juice_bottle", "--fast", "--ce-on-logits", "--official-lsa", "--official-hole-fill")
     assert f.resolution == 64 and f.epochs == 12 and f.ce_on_logits and f.official_lsa and f.official_hole_fill
+    assert f.fill_holes  # the category's official value on top of the --fast preset
+    # an explicit flag wins over --fast even when it equals the full default, and over the category's value
+    g = cfg("juice_bottle", "--fast", "--resolution", "256", "--no-fill-holes", "--epochs", "3", "--dtype", "bf16")
+    assert (g.resolution, g.epochs, g.sup_only_epochs, g.fill_holes, g.dtype) == (256, 3, 6, False, "bf16")
+    assert cfg("screw_bag", "--min-distance", "0.2").min_distance == 0.2 and cfg("screw_bag").min_distance == 0.1
+    assert cfg("pushpins") == make_config("pushpins")  # no flag: the official values
+    assert "(default 120; --fast 12)" in " ".join(train_segmentor.build_parser().format_help().split())
 
 
 # --- training step: two BatchNorm passes -------------------------------------------------------------------------
@@ -369,7 +383,7 @@ def test_train_step_runs_two_bn_passes_in_every_epoch(use_unsup):
     cfg = SegmentorConfig(resolution=32)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_step(model, opt, cfg, sup, onehot, unsup, target, use_unsup)
+    train_step(model, opt, cfg, sup, onehot, unsup_feats=unsup, target_hist=target, use_unsup=use_unsup)
 
     # hand computation for the first BatchNorm (low-level 1x1 conv on layer1): two momentum-0.999 updates,
     # first towards the supervised batch, then towards the unsupervised one
@@ -481,19 +495,35 @@ def test_missing_pseudo_labels_is_a_clear_error(synth_with_maps, tmp_path, lite0
                               str(tmp_path / "s"), "--ckpt-dir", str(tmp_path / "c")])
 
 
-def test_fast_run_separates_wrong_count_and_colour(synth_with_maps, tmp_path, lite0_weights):
+@pytest.fixture(scope="module")
+def fast_run(synth_with_maps, tmp_path_factory, lite0_weights):
+    """One --fast training run on synth_box (12 epochs at 64 px, Lite0), and a --test-only run from its checkpoint
+    into other score and mask folders."""
     import train_segmentor
+
+    out = tmp_path_factory.mktemp("fast_run")
+    common = ["--dataset", "synthetic_loco", "--data-root", str(synth_with_maps), "--fast", "--categories", "synth_box",
+              "--backbone", "efficientnet_lite0", "--weights", str(lite0_weights), "--ckpt-dir", str(out / "ckpt")]
+    threads = torch.get_num_threads()
+    # one thread: the CPU thread count changes the reduction order, hence a few argmax pixels and the AUROCs below
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # read by main's set_threads
+        (res,) = train_segmentor.main(common + ["--labels", "component-maps", "--masks-root", str(out / "masks"),
+                                                "--score-dir", str(out / "scores")])
+        (again,) = train_segmentor.main(common + ["--test-only", "--masks-root", str(out / "masks_t"),
+                                                  "--score-dir", str(out / "scores_t")])
+    torch.set_num_threads(threads)
+    return {"out": out, "res": res, "again": again, "common": common,
+            "ckpt": out / "ckpt" / "segmentor_synth_box_64.pth"}
+
+
+def test_fast_run_separates_wrong_count_and_colour(synth_with_maps, fast_run, lite0_weights):
     from dataset_readers import load_mask, read_category
     from evaluation.score_files import load_scores
     from methods.csad.patch_histogram import params_path
-    from methods.csad.segmentor import Encoder, predict_samples
-    from models.backbones import load_backbone
 
-    masks, scores, ckpt = tmp_path / "masks", tmp_path / "scores", tmp_path / "ckpt"
-    (res,) = train_segmentor.main(["--dataset", "synthetic_loco", "--data-root", str(synth_with_maps), "--fast",
-                                   "--categories", "synth_box", "--backbone", "efficientnet_lite0", "--weights",
-                                   str(lite0_weights), "--labels", "component-maps", "--masks-root", str(masks),
-                                   "--score-dir", str(scores), "--ckpt-dir", str(ckpt)])
+    res, out = fast_run["res"], fast_run["out"]
+    masks, scores = out / "masks", out / "scores"
     assert res["num_classes"] == 5 and res["sup"] == 12 and res["unsup"] == 12
     data = read_category("synthetic_loco", "synth_box", synth_with_maps)
     groups = data.score_groups()
@@ -514,13 +544,69 @@ def test_fast_run_separates_wrong_count_and_colour(synth_with_maps, tmp_path, li
     y = np.array([s.label for s in groups["logi"]])
     assert 0 < y[sel].sum() < sel.sum()
     auc = roc_auc_score(y[sel], logi[sel])
-    # measured 0.82 (5 anomalous vs 10 good; seed 42, 12 epochs at 64 px, EfficientNet-Lite0); chance is 0.5
+    # measured 0.80 (5 anomalous vs 10 good; seed 42, 12 epochs at 64 px, EfficientNet-Lite0, one CPU thread;
+    # 0.74 with two threads); chance is 0.5
     assert auc >= 0.75, auc
     assert roc_auc_score(y, logi) >= 0.7
 
-    # the saved checkpoint and params reproduce the saved scores
-    seg = load_segmentor(ckpt / "segmentor_synth_box_64.pth")
+    # the saved network alone (models.segmentor.load_segmentor) + the params file reproduce the saved scores
+    from dataset_readers.torch_data import imagenet_transform
+    from methods.base import ImageList
+    from methods.csad.segmentor import Encoder
+    from models.backbones import load_backbone
+
+    seg = load_segmentor(fast_run["ckpt"])
+    images = ImageList(groups["logi"])
+    x = torch.stack([imagenet_transform((64, 64))(images[i]) for i in range(len(images))])
     enc = Encoder(load_backbone("efficientnet_lite0", lite0_weights), torch.device("cpu"))
-    maps, _ = predict_samples(seg, enc, groups["logi"], 64, 16)
+    with torch.no_grad():
+        maps = seg(enc.extractor(x), 64).argmax(1)
     ph = PatchHistogram.load(params_path(scores, "synth_box"))
     np.testing.assert_allclose(ph.score(maps), logi, rtol=1e-6, atol=1e-6)
+
+
+def test_test_only_reproduces_every_output_bit_for_bit(fast_run):
+    out = fast_run["out"]
+    assert fast_run["again"]["test_only"] and fast_run["again"]["num_classes"] == 5
+    files = sorted((out / "scores").glob("*.npy"))
+    assert {f.name for f in files} == {f"synth_box_patchhist_{g}_score.npy" for g in ("logi", "struc", "val")}
+    for f in files:
+        a, b = np.load(f), np.load(out / "scores_t" / f.name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), f.name
+    pngs = sorted((out / "masks" / "synth_box" / "test_seg_output").glob("*.png"))
+    assert len(pngs) == 30
+    for f in pngs:
+        assert f.read_bytes() == (out / "masks_t" / "synth_box" / "test_seg_output" / f.name).read_bytes(), f.name
+    with np.load(out / "scores" / "synth_box_patchhist_params.npz") as z, \
+            np.load(out / "scores_t" / "synth_box_patchhist_params.npz") as zt:
+        assert all(np.array_equal(z[k], zt[k]) for k in z.files) and set(z.files) == set(zt.files)
+
+
+@pytest.mark.filterwarnings("ignore:efficientnet_lite0. random weights")
+def test_test_only_refuses_other_settings_and_old_checkpoints(fast_run, tmp_path, capsys):
+    import train_segmentor
+    from common.io import save_checkpoint, load_checkpoint
+
+    common = fast_run["common"] + ["--masks-root", str(tmp_path / "m"), "--score-dir", str(tmp_path / "s")]
+
+    def refused(*extra):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            train_segmentor.main(common + list(extra))
+        assert exc.value.code == 1
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+        return line
+
+    line = refused("--test-only", "--epochs", "5")
+    assert str(fast_run["ckpt"]) in line and "epochs=12 (this run: 5)" in line
+    line = refused("--test-only", "--weights", "random")
+    assert "weights_sha256" in line and "(this run: RANDOM)" in line
+    old = load_checkpoint(fast_run["ckpt"])
+    for k in ("patch_histogram", "val_scores", "segmentor_config"):
+        del old[k]  # what the previous version wrote: the network only, the histogram in a separate file
+    save_checkpoint(tmp_path / "old.pth", old)
+    line = refused("--checkpoint", str(tmp_path / "old.pth"))
+    assert f"{tmp_path / 'old.pth'}: this segmentor checkpoint holds no Patch Histogram" in line
+    line = refused("--checkpoint", str(fast_run["ckpt"]), "--categories", "synth_box", "synth_bottle")
+    assert "--checkpoint names one file, but 2 categories" in line
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").glob("*.npy"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -112,14 +113,36 @@ class PatchHistogram:
     def score(self, label_maps: torch.Tensor) -> np.ndarray:
         return self.normalise(*self.distances(label_maps))
 
-    def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
-        """The official params file: hist_mean, hist_invcov, patch_hist_mean, patch_hist_invcov, *_val_score;
-        plus `meta` (common.checkpoints.checkpoint_meta) as a JSON string, when given."""
+    def _params(self, target: str) -> dict[str, np.ndarray]:
         arrays = {k: getattr(self, k) for k in PARAM_KEYS}
         bad = [k for k, v in arrays.items() if v is None or not np.isfinite(v).all()]
         if bad:  # NaN here would become NaN patchhist scores for every image
-            raise CheckpointError(f"patch-histogram {bad[0]} is missing or not finite; not writing {path}: check "
+            raise CheckpointError(f"patch-histogram {bad[0]} is missing or not finite; not writing {target}: check "
                                   "the segmentor's predictions (was its training finite?)")
+        return arrays
+
+    def state(self) -> dict:
+        """Checkpoint form (loadable with weights_only): the params as float64 tensors, num_classes, patch_grid."""
+        arrays = self._params("the checkpoint")
+        return {"num_classes": int(self.num_classes), "patch_grid": int(self.patch_grid),
+                **{k: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in arrays.items()}}
+
+    @classmethod
+    def from_state(cls, state: Mapping, *, fix: str) -> "PatchHistogram":
+        """Inverse of state(); missing or non-finite params are one CheckpointError line ending in `fix`."""
+        missing = [k for k in (*PARAM_KEYS, "num_classes", "patch_grid") if k not in state]
+        if missing:
+            raise CheckpointError(f"the patch histogram lacks {', '.join(missing)}; {fix}")
+        arrays = {k: state[k].numpy().astype(np.float64) for k in PARAM_KEYS}
+        bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"patch-histogram {bad[0]} holds NaN or Inf; {fix}")
+        return cls(int(state["num_classes"]), int(state["patch_grid"]), *(arrays[k] for k in PARAM_KEYS))
+
+    def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
+        """The official params file: hist_mean, hist_invcov, patch_hist_mean, patch_hist_invcov, *_val_score;
+        plus `meta` (common.checkpoints.checkpoint_meta) as a JSON string, when given."""
+        arrays = self._params(str(path))
         extra = {"meta": np.array(json.dumps(meta))} if meta is not None else {}
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, **arrays, num_classes=self.num_classes, patch_grid=self.patch_grid, **extra)

@@ -1,11 +1,20 @@
-"""CSAD stage 2 (`Tokichan/CSAD train_segmentor.py`, `models/segmentation/`): data, LSA copy-paste, losses and the training loop of the component segmentor, and
-the Patch-Histogram scoring that follows it."""
+"""CSAD stage 2 (`Tokichan/CSAD train_segmentor.py`, `models/segmentation/`): data, LSA copy-paste, losses and the
+training loop of the component segmentor, and `PatchHistModel`, the fitted segmentor + Patch Histogram behind the
+`patchhist` scores.
+
+    model = PatchHistModel(backbone, make_config(category), device=device)
+    model.fit(ImageList(data.train), labels=read_pseudo_labels(data, masks_root), validation=ImageList(data.validation),
+              seed=42)
+    model.save(path, segmentor_meta(...))                   # one checkpoint: segmentor + Patch Histogram
+    pred = PatchHistModel.load(path, device=device).predict(ImageList(data.test))   # pred.scores, pred.label_maps
+"""
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -17,49 +26,67 @@ from tqdm import tqdm
 
 from common import get_logger
 from common.checkpoints import META_KEY, checkpoint_meta
-from dataset_readers import CategoryData, Sample, image_size, load_image
-from methods.knn import NonFiniteError, require_finite, weights_cause
-from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform, make_loader
+from common.config import opt
+from common.errors import CheckpointError, UserError
+from dataset_readers import CategoryData, image_size
+from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform
+from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, Prediction, backbone_from_checkpoint,
+                          backbone_state_if_random, batched, reduced_precision)
 from methods.csad import label_layout as layout
 from methods.csad.patch_histogram import PatchHistogram, class_histograms
+from methods.knn import NonFiniteError, require_finite, weights_cause
 from models.feature_extractor import FeatureExtractor
 from models.segmentor import ENCODER_LAYERS, Segmentor
 
 log = get_logger("csad.segmentor")
+METHOD = "segmentor"  # checkpoint meta "method" (methods.base.REGISTRY)
 
 
 @dataclass
 class SegmentorConfig:
-    resolution: int = 256
-    epochs: int = 120
-    sup_only_epochs: int = 50  # histogram + entropy terms join from this epoch
-    batch_size: int = 4  # supervised and unsupervised batches each
-    lr: float = 0.01
-    weight_decay: float = 1e-5
-    ce_weight: float = 0.5
-    focal_weight: float = 10.0
-    dice_weight: float = 1.0
-    hist_weight: float = 10.0
-    entropy_weight: float = 1.0
-    ce_on_logits: bool = False  # official: CE applied to softmax outputs (double softmax); see docs
-    fill_holes: bool = False  # breakfast_box and juice_bottle set it (CATEGORY_OVERRIDES)
-    official_hole_fill: bool = False  # reproduce the official class-id permutation of the re-merge
-    lsa_ratio: float = 1.0
-    # official LSA: the component is never re-sampled, the mandatory paste happens even when no location was
-    # accepted, and the pasted label map is warped bilinearly (wrong ids on its edges)
-    official_lsa: bool = False
-    min_distance: float = 0.2
-    boundary: float = 0.1
-    lsa_points: int = 10000
-    lsa_attempts: int = 500
-    min_aug_num: int = 1
-    max_aug_num: int = 2
-    weight_power: float = 0.0
-    eval_batch: int = 16
+    """Stage-2 settings: the official train_segmentor.py / configs/segmentor values (per-category ones in
+    CATEGORY_OVERRIDES)."""
+    resolution: int = opt(256, "input and label-map side (official image_size)")
+    epochs: int = opt(120, "training epochs; the final epoch is kept")
+    sup_only_epochs: int = opt(50, "epochs before the histogram and entropy losses join (official sup_only_epoch)")
+    batch_size: int = opt(4, "training batch size, supervised and unsupervised each")
+    lr: float = opt(0.01, "Adam learning rate")
+    weight_decay: float = opt(1e-5, "Adam weight decay")
+    ce_weight: float = opt(0.5, "CE loss weight")
+    focal_weight: float = opt(10.0, "focal loss weight")
+    dice_weight: float = opt(1.0, "class-balanced Dice loss weight")
+    hist_weight: float = opt(10.0, "histogram loss weight (unsupervised batch)")
+    entropy_weight: float = opt(1.0, "entropy loss weight (each batch)")
+    ce_on_logits: bool = opt(False, "standard CE on logits instead of the official CE on softmax outputs")
+    fill_holes: bool = opt(False, "hole-fill each label class at full resolution (official: breakfast_box and "
+                                  "juice_bottle)")
+    # the script's plain --official-* switches set these (common.official needs store_true flags)
+    official_hole_fill: bool = opt(False, "official hole-fill re-merge that may permute or shift class ids", cli=False)
+    official_lsa: bool = opt(False, "official LSA: no component re-sampling, forced mandatory paste, bilinear label "
+                                    "warp", cli=False)
+    lsa_ratio: float = opt(1.0, "probability of LSA copy-paste per supervised image")
+    min_distance: float = opt(0.2, "LSA: least normalised distance of a paste from the component (screw_bag 0.1)")
+    boundary: float = opt(0.1, "LSA: paste centres lie in [boundary, 1 - boundary]^2")
+    lsa_points: int = opt(10000, "LSA: candidate paste centres per attempt")
+    lsa_attempts: int = opt(500, "LSA: paste attempts per component")
+    min_aug_num: int = opt(1, "LSA: mandatory pastes")
+    max_aug_num: int = opt(2, "LSA: mandatory + optional pastes")
+    weight_power: float = opt(0.0, "LSA: component sampling probability ~ area^weight_power")
+    eval_batch: int = opt(16, "images per forward pass in inference")
+    dtype: str = opt("fp32", "inference precision (bf16 / fp16 approximate; training is always fp32)",
+                     choices=("fp32", "bf16", "fp16"))
+
+    @classmethod
+    def fast(cls, **over) -> "SegmentorConfig":
+        """Same code path, smaller: 64 px, 12 epochs (histogram/entropy from epoch 6), 100 LSA attempts over 2000
+        points."""
+        return cls(**{"resolution": 64, "epochs": 12, "sup_only_epochs": 6, "lsa_points": 2000,
+                      "lsa_attempts": 100, **over})
 
 
-FAST_OVERRIDES = dict(resolution=64, epochs=12, sup_only_epochs=6, lsa_points=2000, lsa_attempts=100)
-CATEGORY_OVERRIDES = {
+# Settings of inference only: they may differ between the training run and a --test-only run.
+SCORING_FIELDS = ("eval_batch", "dtype")
+CATEGORY_OVERRIDES = {  # the official configs/segmentor/<category>.yaml values that differ from the defaults
     "breakfast_box": dict(fill_holes=True),
     "juice_bottle": dict(fill_holes=True),
     "screw_bag": dict(min_distance=0.1),
@@ -67,10 +94,15 @@ CATEGORY_OVERRIDES = {
 
 
 def make_config(category: str, fast: bool = False, **overrides) -> SegmentorConfig:
-    cfg = replace(SegmentorConfig(), **CATEGORY_OVERRIDES.get(category, {}))
-    if fast:
-        cfg = replace(cfg, **FAST_OVERRIDES)
+    """SegmentorConfig() (or .fast()), then the category's official values, then `overrides` (None: not given)."""
+    cfg = SegmentorConfig.fast() if fast else SegmentorConfig()
+    cfg = replace(cfg, **CATEGORY_OVERRIDES.get(category, {}))
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def model_config(cfg: SegmentorConfig) -> dict:
+    """The settings that shape the fitted model (checked against a --test-only run): all but SCORING_FIELDS."""
+    return {k: v for k, v in asdict(cfg).items() if k not in SCORING_FIELDS}
 
 
 # --- losses (p = softmax of the logits) ------------------------------------------------------------------------
@@ -218,7 +250,7 @@ class LabeledLSA:
         m[comp.ys, comp.xs] = 255
         return m
 
-    def find_location(self, comp: Component, queue: list[Component], label: np.ndarray, background: np.ndarray,
+    def find_location(self, comp: Component, queue: list[Component], label: np.ndarray, background: np.ndarray, *,
                       threshold: float, mandatory: bool):
         """(matrix, component, warped bool mask) of the first accepted attempt, or None. `queue`: the components
         not yet tried, in sampling order (the fixed search takes the next valid one every 10 attempts)."""
@@ -272,7 +304,7 @@ class LabeledLSA:
             comp = queue.pop(0)
             if not self._valid(comp, label):
                 continue
-            found = self.find_location(comp, queue, label, background, 0.5, mandatory=True)
+            found = self.find_location(comp, queue, label, background, threshold=0.5, mandatory=True)
             if found is None:
                 continue
             self._paste(image, label, img, lab, found)
@@ -284,7 +316,7 @@ class LabeledLSA:
             comp = queue.pop(0)
             if not self._valid(comp, label):
                 continue
-            found = self.find_location(comp, queue, label, background, 0.9, mandatory=False)
+            found = self.find_location(comp, queue, label, background, threshold=0.9, mandatory=False)
             if found is not None:
                 self._paste(image, label, img, lab, found)
                 pasted += 1
@@ -321,12 +353,21 @@ def light_augment(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generat
 
 # --- data --------------------------------------------------------------------------------------------------------
 
-def load_uint8(samples: list[Sample], size: int, desc: str = "load") -> np.ndarray:
-    """(N, size, size, 3) uint8: bilinear resize without padding (the same pixels imagenet_transform sees)."""
-    out = np.empty((len(samples), size, size, 3), np.uint8)
-    for i, s in enumerate(tqdm(samples, desc=desc, leave=False)):
-        out[i] = np.asarray(load_image(s.path).resize((size, size), Image.BILINEAR))
-    return out
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def images_uint8(images: Sequence[Image.Image], size: int,
+                 desc: str = "load") -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(N, size, size, 3) uint8 of PIL images, bilinear resize without padding (the same pixels imagenet_transform
+    sees), and each image's original (width, height)."""
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    sizes = []
+    for i in tqdm(range(len(images)), desc=desc, leave=False):
+        im = _rgb(images[i])
+        sizes.append(im.size)
+        out[i] = np.asarray(im.resize((size, size), Image.BILINEAR))
+    return out, sizes
 
 
 def resize_nearest(arr: np.ndarray, size: int) -> np.ndarray:
@@ -360,19 +401,53 @@ def prepare_background(background: np.ndarray, size: int) -> np.ndarray:
 
 
 @dataclass
-class TrainingSet:
-    images: np.ndarray  # (N, R, R, 3) uint8, all training images in sorted order
-    sup: np.ndarray  # indices of the supervised ("good") images
-    unsup: np.ndarray  # the others
-    labels: dict[int, np.ndarray]  # sup index -> (R, R) uint8 class map
-    comps: dict[int, list[Component]] = field(default_factory=dict)
-    backgrounds: dict[int, np.ndarray] = field(default_factory=dict)
-    num_classes: int = 0
+class PseudoLabels:
+    """Stage-1 labels of a training set at full resolution; the model prepares them (hole filling, resize).
+    `labels`, `instances` and `backgrounds` are aligned with `sup` (any sequences: read_pseudo_labels reads each
+    file when it is accessed)."""
+    num_classes: int  # K + 1, background included
+    sup: np.ndarray  # ascending indices of the supervised ("good") training images
+    labels: Sequence[np.ndarray]  # (H, W) uint8 class maps 0..K
+    instances: Sequence[np.ndarray | None] | None = None  # LSA candidates (refined_masks); None: label components
+    backgrounds: Sequence[np.ndarray | None] | None = None  # SAM background (non-zero = background); None: empty
 
 
-def build_training_set(data: CategoryData, masks_root: str | Path | None, cfg: SegmentorConfig) -> TrainingSet:
-    """Read the stage-1 layout keyed by image stem (never by listing order) and resize it to the resolution."""
-    cat, r = data.category, cfg.resolution
+class _LayoutFiles(Sequence):
+    """One stage-1 file of each supervised image, read on access (a category's label maps need not all fit in
+    memory at full resolution)."""
+
+    def __init__(self, data: CategoryData, masks_root, sup: np.ndarray, kind: str, k: int):
+        self.data, self.root, self.sup, self.kind, self.k = data, masks_root, sup, kind, k
+
+    def __len__(self) -> int:
+        return len(self.sup)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
+        cat, sample = self.data.category, self.data.train[int(self.sup[j])]
+        folder = layout.image_dir(cat, sample.stem, self.root)
+        if self.kind == "labels":
+            lab = layout.read_label_map(cat, sample.stem, self.root)
+            w, h = image_size(sample.path)
+            if lab.shape != (h, w):
+                raise layout.LayoutError(f"{folder / layout.LABEL_MAP} is {lab.shape[1]}x{lab.shape[0]} but "
+                                         f"{sample.path} is {w}x{h}; the labels belong to other images, re-run "
+                                         "pseudo_label.py")
+            if lab.max() > self.k:
+                raise layout.LayoutError(f"{folder / layout.LABEL_MAP} has class {lab.max()} > K={self.k}; re-run "
+                                         "pseudo_label.py")
+            return lab
+        if self.kind == "instances":
+            return layout.read_label_map(cat, sample.stem, self.root, layout.REFINED) \
+                if (folder / layout.REFINED).is_file() else None
+        return read_gray(folder / layout.BACKGROUND) if (folder / layout.BACKGROUND).is_file() else None
+
+
+def read_pseudo_labels(data: CategoryData, masks_root: str | Path | None) -> PseudoLabels:
+    """The stage-1 layout of `data.train` (methods.csad.label_layout), keyed by image stem, never by listing
+    order; label files are read when fit accesses them."""
+    cat = data.category
     info = layout.read_info(cat, masks_root)
     k = int(info["filtered_component_histogram"].shape[1])
     stems_on_disk = layout.list_stems(cat, masks_root)
@@ -384,45 +459,61 @@ def build_training_set(data: CategoryData, masks_root: str | Path | None, cfg: S
                                  "re-run pseudo_label.py for this dataset")
     # info indices refer to the label layout's stem order
     position = {stem: i for i, stem in enumerate(train_stems)}
-    good = sorted({position[stems_on_disk[int(i)]] for i in np.asarray(info["filtered_histogram_indices"])})
-    sup = np.asarray(good, np.int64)
-    unsup = np.asarray(sorted(set(range(len(train_stems))) - set(good)), np.int64)
-    images = load_uint8(data.train, r, desc=f"{cat} train images")
-    ts = TrainingSet(images, sup, unsup, {}, num_classes=k + 1)
-    for i in sup:
-        stem = train_stems[i]
-        lab = layout.read_label_map(cat, stem, masks_root)
-        w, h = image_size(data.train[i].path)
-        if lab.shape != (h, w):
-            raise layout.LayoutError(f"{layout.image_dir(cat, stem, masks_root) / layout.LABEL_MAP} is "
-                                     f"{lab.shape[1]}x{lab.shape[0]} but {data.train[i].path} is {w}x{h}; the labels "
-                                     "belong to other images, re-run pseudo_label.py")
-        if lab.max() > k:
-            raise layout.LayoutError(f"{layout.image_dir(cat, stem, masks_root) / layout.LABEL_MAP} has class "
-                                     f"{lab.max()} > K={k}; re-run pseudo_label.py")
-        lab = prepare_label(lab, r, cfg)
-        ts.labels[int(i)] = lab
-        inst_path = layout.image_dir(cat, stem, masks_root) / layout.REFINED
-        inst = resize_nearest(layout.read_label_map(cat, stem, masks_root, layout.REFINED), r) \
-            if inst_path.is_file() else layout.instance_map(lab)
-        ts.comps[int(i)] = find_components(lab, inst)
-        bg_path = layout.image_dir(cat, stem, masks_root) / layout.BACKGROUND
-        ts.backgrounds[int(i)] = prepare_background(read_gray(bg_path), r) if bg_path.is_file() \
-            else np.zeros((r, r), bool)
+    sup = np.asarray(sorted({position[stems_on_disk[int(i)]] for i in np.asarray(info["filtered_histogram_indices"])}),
+                     np.int64)
+    return PseudoLabels(k + 1, sup, *(_LayoutFiles(data, masks_root, sup, kind, k)
+                                      for kind in ("labels", "instances", "backgrounds")))
+
+
+@dataclass
+class TrainingSet:
+    images: np.ndarray  # (N, R, R, 3) uint8, all training images in sorted order
+    sup: np.ndarray  # indices of the supervised ("good") images
+    unsup: np.ndarray  # the others
+    labels: dict[int, np.ndarray]  # sup index -> (R, R) uint8 class map
+    comps: dict[int, list[Component]] = field(default_factory=dict)
+    backgrounds: dict[int, np.ndarray] = field(default_factory=dict)
+    num_classes: int = 0
+
+
+def build_training_set(images: np.ndarray, labels: PseudoLabels, cfg: SegmentorConfig,
+                       sizes: Sequence[tuple[int, int]] | None = None) -> TrainingSet:
+    """Resized training images + full-resolution pseudo-labels -> the training set at the resolution.
+    `sizes`: the images' original (width, height), which the label maps must have."""
+    r, n, c = cfg.resolution, len(images), int(labels.num_classes)
+    sup = np.asarray(labels.sup, np.int64)
+    if len(labels.labels) != len(sup) or len(np.unique(sup)) != len(sup) or (len(sup) and not 0 <= sup.min() <= sup.max() < n):
+        raise UserError(f"pseudo-labels: {len(labels.labels)} label maps for {len(sup)} supervised indices "
+                        f"(distinct, in 0..{n - 1} expected); the labels belong to another training set")
     if len(sup) < cfg.batch_size:
-        raise layout.LayoutError(f"{cat}: only {len(sup)} supervised images in {layout.GOOD_INDICES}, the batch size "
-                                 f"is {cfg.batch_size}; re-run pseudo_label.py with more training images")
+        raise layout.LayoutError(f"only {len(sup)} supervised images in {layout.GOOD_INDICES}, the batch size is "
+                                 f"{cfg.batch_size}; re-run pseudo_label.py with more training images")
+    unsup = np.asarray(sorted(set(range(n)) - set(sup.tolist())), np.int64)
+    ts = TrainingSet(images, sup, unsup, {}, num_classes=c)
+    for j, i in enumerate(sup.tolist()):
+        lab = np.asarray(labels.labels[j])
+        if sizes is not None and lab.shape != sizes[i][::-1]:
+            raise UserError(f"pseudo-label {j} is {lab.shape[1]}x{lab.shape[0]} but training image {i} is "
+                            f"{sizes[i][0]}x{sizes[i][1]}; the labels belong to other images")
+        if lab.max() >= c:
+            raise UserError(f"pseudo-label {j} has class {lab.max()} but there are {c} classes")
+        lab = prepare_label(lab, r, cfg)
+        ts.labels[i] = lab
+        inst = labels.instances[j] if labels.instances is not None else None
+        ts.comps[i] = find_components(lab, resize_nearest(inst, r) if inst is not None else layout.instance_map(lab))
+        bg = labels.backgrounds[j] if labels.backgrounds is not None else None
+        ts.backgrounds[i] = prepare_background(bg, r) if bg is not None else np.zeros((r, r), bool)
     return ts
 
 
 class Encoder:
     """Frozen encoder on the device: uint8 or [0,1] images -> normalised -> {layer1, layer3}."""
 
-    def __init__(self, backbone: torch.nn.Module, device: torch.device):
-        self.extractor = FeatureExtractor(backbone, list(ENCODER_LAYERS)).to(device).eval()
-        self.device = device
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    def __init__(self, backbone: torch.nn.Module, device: torch.device | str):
+        self.device = torch.device(device)
+        self.extractor = FeatureExtractor(backbone, list(ENCODER_LAYERS)).to(self.device).eval()
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self.channels = tuple(self.extractor.feature_dims[k] for k in ENCODER_LAYERS)
 
     def __call__(self, images01: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -452,8 +543,8 @@ class TrainResult:
 
 
 def train_step(model: Segmentor, opt: torch.optim.Optimizer, cfg: SegmentorConfig, sup_feats: dict[str, torch.Tensor],
-               onehot: torch.Tensor, unsup_feats: dict[str, torch.Tensor] | None, target_hist: torch.Tensor | None,
-               use_unsup: bool) -> float:
+               onehot: torch.Tensor, *, unsup_feats: dict[str, torch.Tensor] | None = None,
+               target_hist: torch.Tensor | None = None, use_unsup: bool = False) -> float:
     """One official training step (Tokichan/CSAD models/segmentation/segmentor.py `train_one_epoch`): two train-mode
     passes, segmentor(sup) then segmentor(unsup), in every epoch. Each pass normalises with its own batch
     statistics, and both move the BatchNorm running statistics (momentum 0.999: the eval statistics are those of
@@ -477,7 +568,7 @@ def train_step(model: Segmentor, opt: torch.optim.Optimizer, cfg: SegmentorConfi
     return float(loss.detach())
 
 
-def train_segmentor(ts: TrainingSet, encoder: Encoder, cfg: SegmentorConfig, seed: int = 42,
+def train_segmentor(ts: TrainingSet, encoder: Encoder, cfg: SegmentorConfig, *, seed: int,
                     desc: str = "segmentor") -> TrainResult:
     dev, r, bs = encoder.device, cfg.resolution, cfg.batch_size
     rng = np.random.default_rng(seed)
@@ -528,7 +619,8 @@ def train_segmentor(ts: TrainingSet, encoder: Encoder, cfg: SegmentorConfig, see
                 unsup_feats = _take(train_feats, torch.as_tensor(u_idx, device=dev))
                 target = sup_hists[torch.randint(len(sup_hists), (len(u_idx),), generator=gen).to(dev)]
             onehot = F.one_hot(y, ts.num_classes).permute(0, 3, 1, 2).float()
-            total += train_step(model, opt, cfg, feats, onehot, unsup_feats, target, use_unsup)
+            total += train_step(model, opt, cfg, feats, onehot, unsup_feats=unsup_feats, target_hist=target,
+                                use_unsup=use_unsup)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         epoch_times.append(time.perf_counter() - t_epoch)
@@ -550,22 +642,235 @@ def predict_from_feats(model: Segmentor, feats: dict[str, torch.Tensor], resolut
     return torch.cat(out)
 
 
-@torch.no_grad()
-def predict_samples(model: Segmentor, encoder: Encoder, samples: list[Sample], resolution: int, batch: int,
-                    desc: str = "predict") -> tuple[torch.Tensor, float]:
-    """Class maps for image files, and the compute throughput (images/s, encoder + head + argmax, no disk I/O)."""
-    loader = make_loader(samples, imagenet_transform((resolution, resolution)), batch_size=batch)
-    maps, compute = [], 0.0
-    for x, _ in tqdm(loader, desc=desc, leave=False):
-        x = x.to(encoder.device)
-        t0 = time.perf_counter()
-        m = model(encoder.extractor(x), resolution).argmax(1).to(torch.uint8)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        compute += time.perf_counter() - t0
-        maps.append(m)
-    return torch.cat(maps), len(samples) / max(compute, 1e-9)
 
+
+# --- the model: segmentor + Patch Histogram -------------------------------------------------------------------------
+
+@dataclass
+class PatchHistPrediction(Prediction):
+    label_maps: np.ndarray | None = None  # (N, R, R) uint8 argmax class maps at the model's resolution
+
+
+class PatchHistModel(AnomalyModel):
+    """CSAD stage 2 as one model: the component segmentor on the frozen encoder (`.segmentor`, forward
+    ({"layer1", "layer3"} features, resolution) -> logits), the Patch Histogram fitted on the label maps of all
+    training images (`.patch_histogram`, `.score(label_maps)`), and the validation patchhist scores that normalise
+    it in fusion (`.val_scores`). Image scores: `predict`; no anomaly maps (`maps` is None), the label maps ride
+    along in `PatchHistPrediction.label_maps`.
+
+    `encoder`: an Encoder of `backbone` to share between models (its device is used; one Encoder hooks the
+    backbone once)."""
+
+    method = METHOD
+
+    def __init__(self, backbone: torch.nn.Module, cfg: SegmentorConfig | None = None, *, device: Any = "cpu",
+                 encoder: Encoder | None = None):
+        if encoder is not None and encoder.extractor.backbone is not backbone:
+            raise ValueError("the encoder wraps another backbone than `backbone`")
+        self.cfg = cfg if cfg is not None else SegmentorConfig()
+        self.encoder = encoder if encoder is not None else Encoder(backbone, device)
+        self.device = self.encoder.device
+        self.segmentor: Segmentor | None = None
+        self.patch_histogram: PatchHistogram | None = None
+        self.val_scores: np.ndarray | None = None
+        self.history: dict[str, Any] = {}  # fit's diagnostics: epoch times, losses, set sizes
+        self.meta: dict[str, Any] = {}  # the provenance record of the checkpoint it was loaded from
+        self.last_img_s = 0.0  # predict's throughput: encoder + head + argmax, no image decoding
+
+    # --- settings read by other code (predict.py, FusedCSAD, CSADModel) ---
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.encoder.extractor.backbone
+
+    @property
+    def resolution(self) -> int:
+        return self.cfg.resolution
+
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass in inference (cfg.eval_batch)."""
+        return self.cfg.eval_batch
+
+    @batch_size.setter
+    def batch_size(self, n: int) -> None:
+        self.cfg = replace(self.cfg, eval_batch=int(n))
+
+    @property
+    def num_classes(self) -> int:
+        self._require_fitted()
+        return self.segmentor.num_classes
+
+    def _require_fitted(self) -> None:
+        if self.segmentor is None or self.patch_histogram is None:
+            raise RuntimeError("PatchHistModel: call fit() or load a checkpoint first")
+
+    # --- fit ---
+    def fit(self, train: Sequence[Image.Image], *, labels: PseudoLabels, validation: Sequence[Image.Image] | None = None,
+            seed: int, desc: str = "segmentor") -> "PatchHistModel":
+        """Train the segmentor on `labels` (the pseudo-labels of `train`), fit the Patch Histogram on the label maps
+        of all training images (un-augmented) and normalise it with those of `validation` (the training images
+        when there is none, with a warning). `desc` prefixes logs and progress bars (e.g. the category)."""
+        cfg, r = self.cfg, self.cfg.resolution
+        images, sizes = images_uint8(train, r, desc=f"{desc} train images")
+        ts = build_training_set(images, labels, cfg, sizes=sizes)
+        log.info("%s: %d supervised + %d unsupervised training images, %d classes, %dx%d, %d epochs", desc,
+                 len(ts.sup), len(ts.unsup), ts.num_classes, r, r, cfg.epochs)
+        res = train_segmentor(ts, self.encoder, cfg, seed=seed, desc=f"{desc} segmentor")
+        self.segmentor = res.model
+        # Patch Histogram: all training images (the cached un-augmented features), normalised with validation.
+        train_maps = predict_from_feats(res.model, res.train_feats, r, cfg.eval_batch)
+        del res.train_feats
+        ph = PatchHistogram(ts.num_classes).fit(train_maps)
+        if validation is not None and len(validation):
+            val_maps, _ = self._label_maps(validation, desc=f"{desc} validation", dtype="fp32")
+        else:  # no validation split: the training images stand in for the normalisation statistics
+            log.warning("%s: no validation split, normalising with training-image statistics", desc)
+            val_maps = train_maps
+        self.val_scores = ph.set_validation(val_maps)
+        self.patch_histogram = ph
+        self.history = {"epoch_times": res.epoch_times, "losses": res.losses, "num_classes": ts.num_classes,
+                        "sup": len(ts.sup), "unsup": len(ts.unsup)}
+        return self
+
+    # --- inference ---
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """ImageNet-normalised (B, 3, R, R) batch on the device (bilinear resize, no padding)."""
+        transform = imagenet_transform((self.resolution, self.resolution))
+        return torch.stack([transform(_rgb(images[i])) for i in range(len(images))]).to(self.device)
+
+    @torch.no_grad()
+    def forward_networks(self, batch: torch.Tensor) -> torch.Tensor:
+        """Encoder + segmentor head on a preprocessed batch: logits (B, C, R, R)."""
+        self._require_fitted()
+        with reduced_precision(self.cfg.dtype, self.device):
+            return self.segmentor(self.encoder.extractor(batch), self.resolution)
+
+    @torch.no_grad()
+    def label_maps_from_features(self, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Argmax class maps (B, R, R) uint8 on the features' device from backbone features holding "layer1" and
+        "layer3" (one backbone pass can feed other heads too)."""
+        self._require_fitted()
+        with reduced_precision(self.cfg.dtype, self.device):
+            logits = self.segmentor({k: feats[k] for k in ENCODER_LAYERS}, self.resolution)
+        return logits.argmax(1).to(torch.uint8)
+
+    def score_label_maps(self, label_maps: torch.Tensor | np.ndarray) -> np.ndarray:
+        """float64 patchhist scores of (N, R, R) class maps."""
+        self._require_fitted()
+        return np.asarray(self.patch_histogram.score(torch.as_tensor(label_maps)), np.float64)
+
+    @torch.no_grad()
+    def _label_maps(self, images: Sequence[Image.Image], *, desc: str, dtype: str) -> tuple[torch.Tensor, float]:
+        """(N, R, R) uint8 class maps on the device, and the compute seconds (encoder + head + argmax)."""
+        r = self.resolution
+        out, compute = [torch.empty((0, r, r), dtype=torch.uint8, device=self.device)], 0.0
+        for idx in tqdm(batched(len(images), self.cfg.eval_batch), desc=desc, leave=False):
+            x = self.preprocess([images[i] for i in idx])
+            t0 = time.perf_counter()
+            with reduced_precision(dtype, self.device):
+                logits = self.segmentor(self.encoder.extractor(x), r)
+            out.append(logits.argmax(1).to(torch.uint8))
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            compute += time.perf_counter() - t0
+        return torch.cat(out), compute
+
+    def predict(self, images: Sequence[Image.Image], *, desc: str = "predict") -> PatchHistPrediction:
+        """patchhist scores (float64) and label maps of `images`, in batches of cfg.eval_batch."""
+        self._require_fitted()
+        maps, compute = self._label_maps(images, desc=desc, dtype=self.cfg.dtype)
+        self.last_img_s = len(images) / max(compute, 1e-9)
+        return PatchHistPrediction(scores=self.score_label_maps(maps), maps=None, label_maps=maps.cpu().numpy())
+
+    # --- checkpoint ---
+    def checkpoint(self) -> dict:
+        """Segmentor state + its network config ("state_dict", "config": what models.segmentor.load_segmentor
+        reads), the full SegmentorConfig, the Patch Histogram, the validation scores, and the backbone state for
+        random weights. Add the provenance record with save(path, segmentor_meta(...))."""
+        self._require_fitted()
+        name = getattr(self.backbone, "backbone_name", type(self.backbone).__name__)
+        return {"state_dict": {k: v.detach().cpu() for k, v in self.segmentor.state_dict().items()},
+                "config": self.segmentor.config(name, self.resolution), "segmentor_config": asdict(self.cfg),
+                "patch_histogram": self.patch_histogram.state(),
+                "val_scores": torch.from_numpy(np.array(self.val_scores, dtype=np.float64)),
+                **backbone_state_if_random(self.backbone)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping, *, device: Any = "cpu", backbone: torch.nn.Module | None = None,
+                        weights: str | Path | None = None) -> "PatchHistModel":
+        """The fitted model. `backbone`: an already built backbone to share (it must be the one the checkpoint
+        was made with); else it is rebuilt (models.backbones.load_backbone, `weights` or the default file)."""
+        fix = "re-create it with train_segmentor.py for this category"
+        if "state_dict" in ckpt and "patch_histogram" not in ckpt:
+            raise CheckpointError(f"this segmentor checkpoint holds no Patch Histogram (an older version kept it in "
+                                  f"*_patchhist_params.npz); {fix}")
+        missing = [k for k in ("state_dict", "config", "segmentor_config", "patch_histogram", "val_scores")
+                   if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"not a segmentor checkpoint (no {', '.join(missing)}); {fix}")
+        if backbone is None:
+            backbone = backbone_from_checkpoint(ckpt, weights=weights)
+        else:
+            _check_shared_backbone(ckpt, backbone)
+        known = {f.name for f in fields(SegmentorConfig)}
+        model = cls(backbone, SegmentorConfig(**{k: v for k, v in ckpt["segmentor_config"].items() if k in known}),
+                    device=device)
+        net = ckpt["config"]
+        if tuple(net["in_channels"]) != tuple(model.encoder.channels):
+            raise CheckpointError(f"the segmentor takes {tuple(net['in_channels'])} layer1/layer3 channels, the "
+                                  f"backbone gives {model.encoder.channels}; {fix}")
+        seg = Segmentor(net["num_classes"], net["in_channels"])
+        seg.load_state_dict(dict(ckpt["state_dict"]))
+        model.segmentor = seg.to(model.device).eval()
+        model.patch_histogram = PatchHistogram.from_state(ckpt["patch_histogram"], fix=fix)
+        model.val_scores = ckpt["val_scores"].numpy().astype(np.float64)
+        model.meta = dict(ckpt.get(META_KEY) or {})
+        return model
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: Any = "cpu", expected: Mapping | None = None, fix: str = "",
+             allow_unfinished: bool = False, **kwargs) -> "PatchHistModel":
+        """AnomalyModel.load; a problem inside the checkpoint names the file too."""
+        try:
+            return super().load(path, device=device, expected=expected, fix=fix, allow_unfinished=allow_unfinished,
+                                **kwargs)
+        except CheckpointError as exc:
+            if str(path) in str(exc):
+                raise
+            raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _check_shared_backbone(ckpt: Mapping, backbone: torch.nn.Module) -> None:
+    """A passed-in backbone must be the checkpoint's: same name and weights (by sha256, or by the stored state for
+    random weights)."""
+    from common.provenance import RANDOM
+
+    meta = ckpt.get(META_KEY) or {}
+    name, sha = meta.get("backbone"), meta.get("weights_sha256")
+    have_name, have_sha = getattr(backbone, "backbone_name", None), getattr(backbone, "weights_sha256", None)
+    if name and have_name and name != have_name:
+        raise CheckpointError(f"the checkpoint was made with backbone {name}, the shared backbone is {have_name}")
+    if sha and have_sha and sha != have_sha:
+        raise CheckpointError(f"the checkpoint was made with {name} weights sha256 {str(sha)[:12]}…, the shared "
+                              f"backbone has {str(have_sha)[:12]}…; pass the backbone built with those weights")
+    if sha == RANDOM and BACKBONE_STATE_KEY in ckpt:
+        own = backbone.state_dict()
+        same = all(k in own and torch.equal(own[k].detach().cpu(), v) for k, v in ckpt[BACKBONE_STATE_KEY].items())
+        if not same:
+            raise CheckpointError("the checkpoint was made with other random backbone weights than the shared "
+                                  "backbone's; pass backbone=None to rebuild them from the checkpoint")
+
+
+def segmentor_meta(backbone: torch.nn.Module, cfg: SegmentorConfig, *, dataset: str, category: str,
+                   train_samples: Sequence[Any], seed: int | None = None) -> dict:
+    """The checkpoint record of a finished run (common.checkpoints.checkpoint_meta); its config leaves out the
+    inference-only settings, so --test-only may change them."""
+    extra = {} if seed is None else {"seed": seed}
+    return checkpoint_meta(method=METHOD, dataset=dataset, category=category, model=backbone,
+                           config=model_config(cfg), train_samples=train_samples, finished=True, **extra)
+
+
+# --- outputs ----------------------------------------------------------------------------------------------------
 
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
@@ -577,56 +882,9 @@ def colorize(label_map: np.ndarray) -> np.ndarray:
     return PALETTE[label_map.astype(np.int64) % len(PALETTE)][..., ::-1]
 
 
-def write_test_segmentation(category: str, masks_root, samples: list[Sample], maps: torch.Tensor) -> Path:
+def write_test_segmentation(category: str, masks_root, samples: Sequence[Any], maps: np.ndarray | torch.Tensor) -> Path:
+    """{masks_root}/{category}/test_seg_output/{defect_type}_{stem}.png: colour class maps, as the official code."""
     out_dir = layout.masks_dir(category, masks_root) / "test_seg_output"
-    for s, m in zip(samples, maps.cpu().numpy()):
+    for s, m in zip(samples, np.asarray(maps.cpu() if isinstance(maps, torch.Tensor) else maps)):
         layout.write_png(out_dir / f"{s.defect_type}_{s.stem}.png", colorize(m))
     return out_dir
-
-
-# --- one category, end to end ------------------------------------------------------------------------------------
-
-def run_category(data: CategoryData, encoder: Encoder, backbone_name: str, cfg: SegmentorConfig, masks_root,
-                 ckpt_dir, score_dir, seed: int = 42) -> dict:
-    """Train, save the checkpoint, segment the test set, write the patchhist score files and params.
-    One Encoder serves all categories (its hooks live on the shared backbone)."""
-    from evaluation.score_files import save_group_scores, scores_for_samples
-    from methods.csad.patch_histogram import METHOD, params_path
-    from models.segmentor import save_segmentor, segmentor_path
-
-    cat, r = data.category, cfg.resolution
-    ts = build_training_set(data, masks_root, cfg)
-    log.info("%s: %d supervised + %d unsupervised training images, %d classes, %dx%d, %d epochs", cat, len(ts.sup),
-             len(ts.unsup), ts.num_classes, r, r, cfg.epochs)
-    res = train_segmentor(ts, encoder, cfg, seed=seed, desc=f"{cat} segmentor")
-    ckpt = segmentor_path(ckpt_dir, cat, r)
-    # written once, after the last epoch: a killed run leaves no checkpoint
-    meta = checkpoint_meta(method="segmentor", dataset=data.dataset, category=cat, model=encoder.extractor.backbone,
-                           config=asdict(cfg), train_samples=data.train, finished=True, seed=seed)
-    save_segmentor(ckpt, res.model, backbone_name, r, epochs=cfg.epochs, **{META_KEY: meta})
-    log.info("%s: saved %s (final epoch %d, mean epoch %.2f s)", cat, ckpt, cfg.epochs, float(np.mean(res.epoch_times)))
-
-    # Patch Histogram: fit on all training images (un-augmented, cached features), normalise with validation.
-    ph = PatchHistogram(ts.num_classes).fit(predict_from_feats(res.model, res.train_feats, r, cfg.eval_batch))
-    del res.train_feats
-    groups: dict[str, np.ndarray] = {}
-    if data.validation:
-        val_maps, _ = predict_samples(res.model, encoder, data.validation, r, cfg.eval_batch, f"{cat} validation")
-        groups["val"] = ph.set_validation(val_maps)
-    else:  # no validation split: the training images stand in for the normalisation statistics
-        log.warning("%s: no validation split, normalising with training-image statistics", cat)
-        ph.set_validation(predict_from_feats(res.model, encoder.encode_uint8(ts.images, cfg.eval_batch), r,
-                                             cfg.eval_batch))
-    test_maps, ips = predict_samples(res.model, encoder, data.test, r, cfg.eval_batch, f"{cat} test")
-    groups.update(scores_for_samples(ph.score(test_maps), data.test, data))
-    paths = save_group_scores(data, METHOD, groups, score_dir)
-    ph.save(params_path(score_dir, cat), meta=meta)
-    seg_dir = write_test_segmentation(cat, masks_root, data.test, test_maps)
-    log.info("%s: wrote %s, %s and %d test segmentations in %s; inference %.1f img/s", cat,
-             ", ".join(p.name for p in paths), Path(params_path(score_dir, cat)).name, len(data.test), seg_dir, ips)
-    from evaluation.metrics import group_aurocs  # for the log; benchmark_performance.py does the evaluation
-
-    log.info("%s: patchhist image AUROC %s", cat, ", ".join(f"{g} {100 * a:.1f}%" for g, a in
-                                                         group_aurocs(data, groups).items()) or "n/a (no labels)")
-    return {"category": cat, "epoch_s": float(np.mean(res.epoch_times)), "infer_img_s": ips,
-            "final_loss": res.losses[-1], "num_classes": ts.num_classes, "sup": len(ts.sup), "unsup": len(ts.unsup)}
