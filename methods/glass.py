@@ -1,12 +1,20 @@
 """GLASS (ECCV 2024): adaptor + discriminator on frozen patch features, trained with Global (gradient-ascent)
-and Local (Perlin/DTD) anomaly synthesis. See docs/glass.md; file names refer to the official `cqylunlun/GLASS`."""
+and Local (Perlin/DTD) anomaly synthesis. See docs/glass.md; file names refer to the official `cqylunlun/GLASS`.
+
+    model = GlassModel(backbone, cfg, device=device, resize=class_resize(category, cfg))
+    model.fit(ImageList(data.train), textures=ImageList(list_textures(dtd_root)), dataset=..., category=...)
+    pred = model.predict(ImageList(data.test))          # max patch probability; σ=4 maps, crop undone
+    model.save(path, glass_meta(...)); GlassModel.load(path) / methods.base.load_model(path)
+
+The model reads no files: the script passes the training images, the DTD textures, the optional foreground masks
+and (for the official test-set epoch selection) the test images with their labels and masks.
+"""
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -15,14 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import atomic_write_json, get_logger, save_checkpoint, seed_everything
-from common.checkpoints import META_KEY, checkpoint_meta, load_checked
-from common.io import load_checkpoint
-from dataset_readers import DatasetError, Sample, read_category
-from dataset_readers.base import GOOD, image_size, load_image
-from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform, make_loader
-from evaluation.score_files import safe_category, save_anomaly_maps, save_group_scores, scores_for_samples
-from methods.glass_las import LASDataset, list_textures
+from common import get_logger
+from common.checkpoints import META_KEY, checkpoint_meta
+from common.config import opt
+from common.errors import CheckpointError, UserError
+from dataset_readers import DatasetError
+from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform
+from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, ImageList, Prediction, backbone_from_checkpoint,
+                          backbone_state_if_random, image_sizes, reduced_precision)
+from methods.glass_las import LASDataset, as_images, image_names
 from methods.knn import NonFiniteError, check_features, weights_cause
 from methods.maps import resized_hw, uncrop, upsample_and_smooth
 from models.feature_extractor import FeatureExtractor, local_patch_features
@@ -61,38 +70,60 @@ DISTRIBUTION_MODES = {0: "table (judge if missing)", 1: "judge only", 2: "manifo
 
 @dataclass
 class GlassConfig:
-    imagesize: int = 288
-    resize: int = 288
-    layers: tuple[str, ...] = ("layer2", "layer3")
-    pretrain_dim: int = 1536
-    target_dim: int = 1536
-    patchsize: int = 3
-    pre_proj: int = 1
-    dsc_layers: int = 2
-    dsc_hidden: int = 1024
-    dsc_margin: float = 0.5
-    meta_epochs: int = 640
-    eval_epochs: int = 1
-    batch_size: int = 8
-    lr: float = 1e-4
-    noise: float = 0.015
-    radius: float = 0.75
-    p: float = 0.5
-    step: int = 20
-    ascent_lr: float = 0.001  # hard-coded in the official code
-    limit: int = 392
-    mining: int = 1
-    downsampling: int = 8
-    beta_mean: float = 0.5
-    beta_std: float = 0.1
-    rand_aug: int = 1
-    fg: int | None = None  # None: per-dataset default (FG_DEFAULT)
-    distribution: int = 0
-    official_judge_grid: bool = False  # judge's l2 lattice on the official off-centre 578x578 grid (radius > 144)
-    select_on_test: bool = False
-    paper_resize: bool = True  # toothbrush/wood 329 -> 288
-    workers: int = 0
-    cache_max_gb: float = 4.0
+    """Defaults = the official run scripts (shell/run-*.sh) and main.py; `fast()` = the tests' and demo's sizes."""
+    imagesize: int = opt(288, "centre-crop size in px; also the resize of the shorter side (toothbrush/wood: "
+                              "see --paper-resize)")
+    resize: int = opt(288, "shorter side before the crop (set together with --imagesize)", cli=False)
+    layers: tuple[str, ...] = opt(("layer2", "layer3"), "backbone layers of the patch features", cli=False)
+    pretrain_dim: int = opt(1536, "per-layer and target patch-feature dimension (official pretrain = target "
+                                  "embed dimension)", flag="--embed-dim")
+    target_dim: int = opt(1536, "target patch-feature dimension (set together with --embed-dim)", cli=False)
+    patchsize: int = opt(3, "local aggregation neighbourhood (patchsize x patchsize)", cli=False)
+    pre_proj: int = opt(1, "Linear layers of the feature adaptor (pre-projection); 0: no adaptor")
+    dsc_layers: int = opt(2, "discriminator depth in Linear layers")
+    dsc_hidden: int = opt(1024, "discriminator hidden width")
+    dsc_margin: float = opt(0.5, "score threshold of the logged p_true / p_fake", cli=False)
+    meta_epochs: int = opt(640, "training epochs (official meta_epochs)", flag="--epochs", aliases=("--meta-epochs",))
+    eval_epochs: int = opt(1, "with --select-on-test: evaluate on the test set every N epochs")
+    batch_size: int = opt(8, "training and inference batch size")
+    lr: float = opt(1e-4, "adaptor learning rate (the discriminator's is twice it)")
+    noise: float = opt(0.015, "std of the Gaussian feature noise that starts GAS")
+    radius: float = opt(0.75, "quantile of the feature distances to the centre that gives the radius r_t")
+    p: float = opt(0.5, "OHEM: focal loss on the LAS patches whose squared error reaches this quantile")
+    step: int = opt(20, "GAS gradient-ascent steps (a truncated projection after every 5th)")
+    ascent_lr: float = opt(0.001, "GAS step size (hard-coded in the official code)", cli=False)
+    limit: int = opt(392, "an epoch stops once more than this many training images were seen")
+    mining: int = opt(1, "1: GAS gradient ascent; 0: Gaussian noise only")
+    downsampling: int = opt(8, "LAS mask pooling factor (= feature stride of the first layer)")
+    beta_mean: float = opt(0.5, "mean of the LAS blend factor beta (clipped to [0.2, 0.8])", cli=False)
+    beta_std: float = opt(0.1, "std of the LAS blend factor beta", cli=False)
+    rand_aug: int = opt(1, "1: three of the nine official texture ops on every DTD image; 0: none")
+    fg: int | None = opt(None, "foreground masks in LAS, 1 or 0; unset: per dataset (1 for mvtec_ad, visa, wfdd, "
+                               "mad; 0 for mpdd, folder, LOCO)", type=int, choices=(0, 1))
+    distribution: int = opt(0, "; ".join(f"{k}: {v}" for k, v in DISTRIBUTION_MODES.items()),
+                            choices=sorted(DISTRIBUTION_MODES))
+    official_judge_grid: bool = opt(False, "spectrogram judge: count the l2 lattice on the official off-centre "
+                                           "578x578 grid (centre at 144: discs of radius > 144 are truncated)")
+    select_on_test: bool = opt(False, "OFFICIAL protocol: keep the epoch with the best test I-AUROC + P-AUROC "
+                                      "(test-set selection)")
+    paper_resize: bool = opt(True, "toothbrush/wood: resize to 329 and crop 288 (SimpleNet's crop, kept by GLASS); "
+                                   "--no-paper-resize: resize them to the crop size")
+    workers: int = opt(0, "data-loader worker processes (the numbers do not depend on it)")
+    cache_max_gb: float = opt(4.0, "above this size the cached training features are stored as float16")
+    dtype: str = opt("fp32", "inference precision: fp32 exact; bf16/fp16 autocast (approximate)",
+                     choices=("fp32", "bf16", "fp16"))
+
+    @classmethod
+    def fast(cls, **over) -> "GlassConfig":
+        """64 px, 256-d, 20 epochs, 5 ascent steps: the tests' and the demo's sizes."""
+        return cls(**{**FAST, **over})
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> "GlassConfig":
+        """The config a checkpoint stored (asdict); unknown keys are dropped, missing ones keep their default."""
+        known = {f.name for f in fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(record).items() if k in known}
+        return cls(**values)
 
 
 FAST = dict(imagesize=64, resize=64, pretrain_dim=256, target_dim=256, dsc_hidden=256, meta_epochs=20, step=5)
@@ -102,7 +133,11 @@ def fast_config(cfg: GlassConfig) -> GlassConfig:
     return replace(cfg, **FAST)
 
 
-# ---------------------------------------------------------------- model
+# Settings that do not change the trained model (speed, memory, precision, which saved epoch is scored).
+NON_MODEL_KEYS = ("workers", "cache_max_gb", "select_on_test", "eval_epochs", "dtype")
+
+
+# ---------------------------------------------------------------- networks
 class Glass(nn.Module):
     def __init__(self, backbone: nn.Module, cfg: GlassConfig):
         super().__init__()
@@ -130,16 +165,18 @@ class Glass(nn.Module):
         return s
 
     def state(self) -> dict:
-        return {"discriminator": {k: v.detach().cpu() for k, v in self.discriminator.state_dict().items()},
-                "pre_projection": {k: v.detach().cpu() for k, v in self.adaptor.state_dict().items()}}
+        """CPU copies of the trained weights (copies: on the CPU, .cpu() would share the live parameters)."""
+        return {"discriminator": {k: v.detach().cpu().clone() for k, v in self.discriminator.state_dict().items()},
+                "pre_projection": {k: v.detach().cpu().clone() for k, v in self.adaptor.state_dict().items()}}
 
-    def load_state(self, ckpt: dict, path: Path) -> None:
+    def load_state(self, ckpt: Mapping, path: Any = None) -> None:
         try:
             self.discriminator.load_state_dict(ckpt["discriminator"])
             self.adaptor.load_state_dict(ckpt["pre_projection"])
         except (KeyError, RuntimeError) as exc:
-            raise RuntimeError(f"checkpoint {path} does not fit this GLASS configuration "
-                               f"({str(exc).splitlines()[0]}); use the --fast/dimension flags it was trained with") from None
+            where = f"checkpoint {path}" if path else "the checkpoint"
+            raise CheckpointError(f"{where} does not fit this GLASS configuration ({str(exc).splitlines()[0]}); "
+                                  "use the --fast/dimension flags it was trained with") from None
 
 
 # ---------------------------------------------------------------- GAS / LAS losses
@@ -165,11 +202,10 @@ def focal_ohem(scores: torch.Tensor, target: torch.Tensor, p: float = 0.5, gamma
     return (rows * keep).sum() / keep.sum()
 
 
-def glass_loss(disc: nn.Module, x: torch.Tensor, f: torch.Tensor, m: torch.Tensor, c: torch.Tensor, svd: int,
+def glass_loss(disc: nn.Module, x: torch.Tensor, f: torch.Tensor, m: torch.Tensor, c: torch.Tensor, *, svd: int,
                cfg: GlassConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One training objective (official `glass.py` `_train_discriminator`). x: normal features, f: LAS features,
-    m: LAS patch labels, c: centres,
-    all (N, D) / (N,) on one device. Returns the total loss and detached logging tensors (no host syncs)."""
+    m: LAS patch labels, c: centres, all (N, D) / (N,) on one device; svd: 1 hypersphere, 0 manifold. Returns the total loss and detached logging tensors (no host syncs)."""
     n = x.shape[0]
     mb = m.bool()
     with torch.no_grad():  # r_t is a number in the official code (no gradient through the quantile)
@@ -234,9 +270,9 @@ def distribution_judge(mean_bgr: np.ndarray, official_grid: bool = False) -> tup
 
 
 @torch.no_grad()
-def mean_training_image(samples: Sequence[Sample], size: int, batch_size: int, device) -> np.ndarray:
+def mean_training_image(images: Sequence[Any], size: int, batch_size: int, device) -> np.ndarray:
     """Mean of per-batch mean images (images resized to exactly size x size), as 8-bit BGR."""
-    loader = make_loader(samples, imagenet_transform((size, size)), batch_size=batch_size)
+    loader = image_loader(as_images(images), imagenet_transform((size, size)), batch_size=batch_size)
     means = [imgs.to(device).mean(0) for imgs, _ in loader]
     mean = torch.stack(means).mean(0).cpu()
     mean = mean * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
@@ -275,18 +311,26 @@ def uncrop_map(m: np.ndarray, w: int, h: int, resize: int, crop: int) -> np.ndar
     return uncrop(m[None], resized_hw(w, h, resize), crop)[0]
 
 
-def gt_at_crop(sample: Sample, resize: int, crop: int, binarize: bool) -> np.ndarray:
-    """Official GT handling for the training-time metric: bilinear resize + crop; VisA > 0, others floor (== 1)."""
+def crop_of_map(m: np.ndarray, crop: int) -> np.ndarray:
+    """The centre crop x crop part of a map in the resized frame (what uncrop_map placed there), e.g. for the
+    crop-resolution pixel AUROC of predict()'s maps."""
+    h, w = m.shape
+    if (h, w) == (crop, crop):
+        return m
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    return m[top:top + crop, left:left + crop]
+
+
+def mask_at_crop(mask: np.ndarray | None, resize: int, crop: int, binarize: bool) -> np.ndarray:
+    """Official GT handling for the training-time metric: bilinear resize + crop of the (H, W) mask (None: a good
+    image); VisA (binarize) > 0, the others floor (== 1)."""
+    from PIL import Image
     from torchvision import transforms as T
 
-    from dataset_readers.base import union_mask
-
-    if sample.defect_type == GOOD or not sample.mask_paths:
+    if mask is None:
         return np.zeros((crop, crop), dtype=bool)
-    from PIL import Image
-
-    mask = Image.fromarray(union_mask(sample).astype(np.uint8) * 255)
-    t = T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(crop), T.ToTensor()])(mask)[0].numpy()
+    img = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+    t = T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(crop), T.ToTensor()])(img)[0].numpy()
     return t > 0 if binarize else t >= 1.0
 
 
@@ -301,6 +345,30 @@ def _auroc(labels, scores) -> float:
     return auroc_from_groups(scores[~labels], scores[labels])
 
 
+
+# ---------------------------------------------------------------- data
+class _Transformed(torch.utils.data.Dataset):
+    """(transform(images[i]), i): the images are PIL images, decoded lazily (in the workers) by an ImageList."""
+
+    def __init__(self, images: Sequence[Any], transform: Callable):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), i
+
+
+def image_loader(images: Sequence[Any], transform: Callable, *, batch_size: int,
+                 workers: int = 0) -> torch.utils.data.DataLoader:
+    """In-order batches. The loader has a generator of its own (as dataset_readers.torch_data.make_loader): the
+    workers' seed must not be drawn from the global RNG, whose state GAS's noise depends on."""
+    return torch.utils.data.DataLoader(_Transformed(images, transform), batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, generator=torch.Generator().manual_seed(0),
+                                       pin_memory=torch.cuda.is_available())
+
+
 # ---------------------------------------------------------------- training
 class Trainer:
     """Trains one category. Normal-image features are embedded once (frozen backbone, no augmentation) and cached
@@ -313,13 +381,16 @@ class Trainer:
         self.opt_disc = torch.optim.AdamW(model.discriminator.parameters(), lr=2 * cfg.lr)  # default wd 0.01
 
     @torch.no_grad()
-    def cache_features(self, samples: Sequence[Sample], resize: int) -> torch.Tensor:
-        loader = make_loader(samples, imagenet_transform(resize, self.cfg.imagesize), batch_size=self.cfg.batch_size,
-                             workers=self.cfg.workers)
+    def cache_features(self, images: Sequence[Any], resize: int) -> torch.Tensor:
+        """(N, P, D) features of the training images (PIL images, or reader samples / paths)."""
+        images = as_images(images)
+        names = image_names(images)
+        loader = image_loader(images, imagenet_transform(resize, self.cfg.imagesize), batch_size=self.cfg.batch_size,
+                              workers=self.cfg.workers)
         feats = []
         for imgs, idx in tqdm(loader, desc="embed train", leave=False):
             e = self.model.embed(imgs.to(self.device))
-            check_features(e, imgs, [samples[int(i)] for i in idx], self.model.extractor.backbone)
+            check_features(e, imgs, [names[int(i)] for i in idx], self.model.extractor.backbone)
             feats.append(e.reshape(e.shape[0], -1, e.shape[-1]))
         out = torch.cat(feats)
         gb = out.numel() * 4 / 2 ** 30
@@ -352,7 +423,7 @@ class Trainer:
             m = mask_s.to(self.device).reshape(-1)
             cc = c.repeat(len(idx), 1)
             try:
-                loss, stats = glass_loss(self.model.discriminator, x, f, m, cc, svd, self.cfg)
+                loss, stats = glass_loss(self.model.discriminator, x, f, m, cc, svd=svd, cfg=self.cfg)
             except RuntimeError as exc:
                 if "between 0 and 1" not in str(exc):
                     raise
@@ -385,191 +456,211 @@ class Trainer:
                               f"features are finite; lower --lr (now {self.cfg.lr:g})")
 
 
+
 # ---------------------------------------------------------------- prediction
 @torch.no_grad()
-def predict(model: Glass, samples: Sequence[Sample], cfg: GlassConfig, resize: int, device, *,
-            write_maps: tuple[str, str] | None = None, gt: bool = False, binarize_gt: bool = False,
-            desc: str = "predict") -> dict:
-    """Image scores (max raw patch probability) and, optionally, TIFF maps (σ=4 smoothing) written per batch
-    so memory stays bounded (official issue #65). With `gt`, also the crop-resolution pixel AUROC."""
-    loader = make_loader(samples, imagenet_transform(resize, cfg.imagesize), batch_size=cfg.batch_size,
-                         workers=cfg.workers)
-    scores, pix_s, pix_l = [], [], []
-    for imgs, idx in tqdm(loader, desc=desc, leave=False):
-        s = model.patch_scores(imgs.to(device))
+def predict(model: Glass, images: Sequence[Any], cfg: GlassConfig, resize: int, device, *, maps: bool = False,
+            crop_maps: bool = False, desc: str = "predict") -> dict:
+    """{"scores": (N,) float64 max raw patch probability, "maps": N float32 σ=4 maps in each image's resized frame
+    (crop undone; with `maps`), "crop_maps": (N, crop, crop) float32 (with `crop_maps`)}. `images`: PIL images, or
+    reader samples / paths. cfg.dtype other than fp32 runs the networks under autocast."""
+    images = as_images(images)
+    loader = image_loader(images, imagenet_transform(resize, cfg.imagesize), batch_size=cfg.batch_size,
+                          workers=cfg.workers)
+    scores, crops = [], []
+    for imgs, _ in tqdm(loader, desc=desc, leave=False):
+        with reduced_precision(cfg.dtype, device):
+            s = model.patch_scores(imgs.to(device))
+        s = s.float()  # a no-op in fp32
         scores.append(s.flatten(1).amax(1).cpu())
-        if write_maps is None and not gt:
-            continue
-        maps = upsample_and_smooth(s, (cfg.imagesize, cfg.imagesize), sigma=4)
-        batch = [samples[int(i)] for i in idx]
-        if gt:
-            pix_s.append(maps.reshape(-1))
-            pix_l.append(np.stack([gt_at_crop(sm, resize, cfg.imagesize, binarize_gt) for sm in batch]).reshape(-1))
-        if write_maps is not None:
-            score_dir, category = write_maps
-            for sm, m in zip(batch, maps):
-                w, h = image_size(sm.path)
-                save_anomaly_maps(METHOD, category, [sm], uncrop_map(m, w, h, resize, cfg.imagesize)[None], score_dir)
-    out = {"scores": torch.cat(scores).numpy().astype(np.float64)}
+        if maps or crop_maps:
+            crops.append(upsample_and_smooth(s, (cfg.imagesize, cfg.imagesize), sigma=4))
+    out: dict = {"scores": torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0)}
     bad = np.flatnonzero(~np.isfinite(out["scores"]))
     if len(bad):
-        raise _nonfinite_score(model, samples[bad[0]], len(bad), resize, cfg, device)
-    if gt:
-        out["pixel_auroc"] = _auroc(np.concatenate(pix_l), np.concatenate(pix_s))
+        raise _nonfinite_score(model, images, int(bad[0]), n_bad=len(bad), resize=resize, cfg=cfg, device=device)
+    if not (maps or crop_maps):
+        return out
+    at_crop = np.concatenate(crops) if crops else np.zeros((0, cfg.imagesize, cfg.imagesize), np.float32)
+    if crop_maps:
+        out["crop_maps"] = at_crop
+    if maps:
+        out["maps"] = [uncrop_map(m, w, h, resize, cfg.imagesize) for m, (w, h) in zip(at_crop, image_sizes(images))]
     return out
 
 
-def _nonfinite_score(model: Glass, sample: Sample, n_bad: int, resize: int, cfg: GlassConfig, device) -> NonFiniteError:
+def _nonfinite_score(model: Glass, images: Sequence[Any], i: int, *, n_bad: int, resize: int, cfg: GlassConfig,
+                     device) -> NonFiniteError:
     """Runs only after a failure: the image's features (backbone weights / image), else the trained weights."""
-    imgs = imagenet_transform(resize, cfg.imagesize)(load_image(sample.path))[None]
+    name = image_names(images)[i]
+    imgs = imagenet_transform(resize, cfg.imagesize)(images[i])[None]
     try:
-        check_features(model.embed(imgs.to(device)), imgs, [sample], model.extractor.backbone)
+        check_features(model.embed(imgs.to(device)), imgs, [name], model.extractor.backbone)
     except NonFiniteError as exc:
         return exc
     bad = [n for n, p in list(model.discriminator.named_parameters()) + list(model.adaptor.named_parameters())
            if not bool(torch.isfinite(p).all())]
     where = f" ({n_bad} images)" if n_bad > 1 else ""
     if bad:
-        return NonFiniteError(f"GLASS score of {sample.path}{where} is not finite: the trained discriminator/adaptor "
+        return NonFiniteError(f"GLASS score of {name}{where} is not finite: the trained discriminator/adaptor "
                               f"weights hold NaN or Inf ({bad[0]}), i.e. the training diverged; re-train with a lower "
                               f"--lr (now {cfg.lr:g})")
-    return NonFiniteError(f"GLASS score of {sample.path}{where} is not finite although its features and the model "
+    return NonFiniteError(f"GLASS score of {name}{where} is not finite although its features and the model "
                           "weights are finite; re-train with a lower --lr")
 
 
-# Settings that do not change the trained model (speed, memory, which saved epoch is scored).
-NON_MODEL_KEYS = ("workers", "cache_max_gb", "select_on_test", "eval_epochs")
+# ---------------------------------------------------------------- the model object
+class GlassModel(AnomalyModel):
+    """GLASS for one class: the frozen backbone, the adaptor and the discriminator, the class's crop geometry
+    (`resize`: 329 for toothbrush/wood, see class_resize) and its variant (`svd`: 1 hypersphere, 0 manifold,
+    chosen in fit and stored in the checkpoint). Seed the global RNG (common.seed_everything) before constructing
+    it: the networks' initial weights and GAS's noise come from it."""
+
+    method = METHOD
+
+    def __init__(self, backbone: nn.Module, cfg: GlassConfig | None = None, *, device: Any = "cpu",
+                 resize: int | None = None):
+        self.cfg = cfg if cfg is not None else GlassConfig()
+        self.device = torch.device(device)
+        self.net = Glass(backbone, self.cfg).to(self.device)
+        self.resize = self.cfg.resize if resize is None else int(resize)
+        self.svd: int | None = None
+        self.variant_source: str | None = None
+        self.epoch: int | None = None
+        self.history: list[dict] = []  # per epoch: losses, radii, p_true/p_fake (+ i_auroc/p_auroc)
+        self.fit_info: dict = {}
+
+    # -------------------------------------------------------------- fit
+    def fit(self, train: Sequence[Any], *, textures: Sequence[Any], fg_masks: Sequence[Any] | None = None,
+            dataset: str = "", category: str = "", seed: int = 0, eval_images: Sequence[Any] | None = None,
+            eval_labels: Sequence[int] | None = None, eval_masks: Sequence[Any] | None = None,
+            binarize_masks: bool = False, on_epoch: Callable[[int, dict, bool], None] | None = None) -> "GlassModel":
+        """Train on the normal images `train`.
+
+        textures: the DTD images of LAS; fg_masks: one foreground mask (PIL "L" image) per training image, or None
+        (no masks, --fg 0); dataset/category: the class, for the shipped variant table (classes missing from it are
+        judged on `train`). With cfg.select_on_test (the official protocol), every cfg.eval_epochs the test set
+        `eval_images` with `eval_labels` (1 = anomalous) and `eval_masks` ((H, W) arrays, None for a good image) is
+        scored, and the model ends with the best epoch's weights. `on_epoch(epoch, entry, improved)` runs after each
+        epoch with the model holding that epoch's weights (`improved`: a new best test-set epoch)."""
+        cfg, device = self.cfg, self.device
+        train = as_images(train)
+        if not len(train):
+            raise DatasetError(f"{dataset}/{category} has no training images; GLASS needs train/good (or "
+                               "--checkpoint)")
+        gts = labels = None
+        if cfg.select_on_test:
+            if eval_images is None or eval_labels is None or eval_masks is None:
+                raise UserError("select_on_test chooses the epoch on the test set: pass eval_images, eval_labels and "
+                                "eval_masks to fit")
+            eval_images, labels = as_images(eval_images), list(eval_labels)
+            gts = np.stack([mask_at_crop(m, self.resize, cfg.imagesize, binarize_masks) for m in eval_masks]) \
+                if len(eval_masks) else np.zeros((0, cfg.imagesize, cfg.imagesize), bool)
+            if not len(eval_images) == len(labels) == len(gts):
+                raise UserError(f"fit: {len(eval_images)} eval images, {len(labels)} labels, {len(gts)} masks")
+        las = LASDataset(train, textures, self.resize, cfg.imagesize, cfg.downsampling, fg_masks=fg_masks,
+                         rand_aug=bool(cfg.rand_aug), beta_mean=cfg.beta_mean, beta_std=cfg.beta_std, seed=seed)
+        svd, source = choose_variant(dataset, category, cfg.distribution, lambda: distribution_judge(
+            mean_training_image(train, cfg.imagesize, cfg.batch_size, device), cfg.official_judge_grid)[0])
+        self.svd, self.variant_source = svd, source
+        log.info("%s/%s: %s variant (%s), fg masks %s, resize %d -> crop %d, %d train images, %d epochs", dataset,
+                 category, ["manifold", "hypersphere"][svd], source, "on" if fg_masks is not None else "off",
+                 self.resize, cfg.imagesize, len(train), cfg.meta_epochs)
+        trainer = Trainer(self.net, cfg, device, seed)
+        cache = trainer.cache_features(train, self.resize)
+        gen = torch.Generator().manual_seed(seed)
+        loader = torch.utils.data.DataLoader(las, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                             num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        history: list[dict] = []
+        best, best_epoch, best_state = -math.inf, None, None
+        bar = tqdm(range(cfg.meta_epochs), desc=f"glass {category}")
+        t_train = 0.0
+        for epoch in bar:
+            las.set_epoch(epoch)
+            t = time.time()
+            stats = trainer.train_epoch(loader, cache, svd)
+            t_train += time.time() - t
+            entry = {"epoch": epoch, **stats}
+            self.epoch = epoch
+            improved = False
+            if cfg.select_on_test and (epoch + 1) % cfg.eval_epochs == 0:
+                # Official protocol: choose the epoch on the TEST set (max I-AUROC + P-AUROC, ties keep the earlier).
+                res = predict(self.net, eval_images, cfg, self.resize, device, crop_maps=True, desc="eval")
+                entry.update(i_auroc=_auroc(labels, res["scores"]), p_auroc=_auroc(gts, res["crop_maps"]))
+                crit = np.nan_to_num(entry["i_auroc"]) + np.nan_to_num(entry["p_auroc"])
+                if crit > best:
+                    best, best_epoch, best_state, improved = crit, epoch, self.net.state(), True
+            if on_epoch is not None:
+                on_epoch(epoch, entry, improved)
+            history.append(entry)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in ("loss", "p_true", "p_fake", "i_auroc")})
+        if best_state is not None:
+            self.net.load_state(best_state)
+            self.epoch = best_epoch
+            log.info("%s/%s: TEST-SET model selection picked epoch %d (official protocol)", dataset, category,
+                     best_epoch)
+        self.history = history
+        self.fit_info = {"svd": svd, "variant_source": source, "epoch": best_epoch if cfg.select_on_test else
+                         cfg.meta_epochs - 1, "train_seconds_per_epoch": t_train / max(1, cfg.meta_epochs),
+                         "final_loss": history[-1]["loss"] if history else None}
+        return self
+
+    # -------------------------------------------------------------- inference
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """(B, 3, crop, crop) CPU tensor of PIL images: Resize(resize), CenterCrop, ImageNet normalisation."""
+        tf = imagenet_transform(self.resize, self.cfg.imagesize)
+        return torch.stack([tf(im) for im in as_images(images)])
+
+    def forward_networks(self, batch: torch.Tensor) -> torch.Tensor:
+        """Backbone, adaptor and discriminator on a preprocessed batch: (B, h, w) patch probabilities."""
+        with reduced_precision(self.cfg.dtype, self.device):
+            return self.net.patch_scores(batch.to(self.device))
+
+    def predict(self, images: Sequence[Any], *, maps: bool = True) -> Prediction:
+        """Image scores (max patch probability) and σ=4 maps, one per image in its resized frame, crop undone."""
+        res = predict(self.net, images, self.cfg, self.resize, self.device, maps=maps, desc="predict")
+        return Prediction(scores=res["scores"], maps=res.get("maps"))
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint(self) -> dict:
+        return {**self.net.state(), "epoch": self.epoch, "svd": self.svd, "variant_source": self.variant_source,
+                "resize": self.resize, "config": asdict(self.cfg),
+                **backbone_state_if_random(self.net.extractor.backbone)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping, *, device: Any = "cpu", weights: Any = None,
+                        backbone: nn.Module | None = None) -> "GlassModel":
+        """The fitted model. `backbone`: the already built backbone the checkpoint was made with (checked by
+        name and sha256), else it is rebuilt (methods.base.backbone_from_checkpoint, `weights` or the default)."""
+        missing = [k for k in ("discriminator", "pre_projection", "config") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"not a GLASS checkpoint (no {', '.join(missing)}); re-create it with glass.py")
+        meta = ckpt.get(META_KEY) or {}
+        if backbone is None or BACKBONE_STATE_KEY in ckpt:  # random weights: the checkpoint's own backbone
+            backbone = backbone_from_checkpoint(ckpt, weights=weights)
+        else:
+            _check_backbone(meta, backbone)
+        cfg = GlassConfig.from_record(ckpt["config"])
+        resize = ckpt.get("resize") or class_resize(str(meta.get("category", "")), cfg)  # older files: no "resize"
+        model = cls(backbone, cfg, device=device, resize=resize)
+        model.net.load_state(ckpt)
+        model.svd, model.epoch, model.variant_source = ckpt.get("svd"), ckpt.get("epoch"), ckpt.get("variant_source")
+        return model
+
+
+def _check_backbone(meta: Mapping, backbone: nn.Module) -> None:
+    name, sha = meta.get("backbone"), meta.get("weights_sha256")
+    have_name, have_sha = getattr(backbone, "backbone_name", None), getattr(backbone, "weights_sha256", None)
+    if name and have_name and name != have_name:
+        raise CheckpointError(f"the checkpoint was made with backbone {name}, the given backbone is {have_name}")
+    if sha and have_sha and sha != have_sha:
+        raise CheckpointError(f"the checkpoint was made with {name} weights sha256 {str(sha)[:12]}…, the given "
+                              f"backbone has {str(have_sha)[:12]}…; pass the original file with --weights")
 
 
 def glass_meta(backbone: nn.Module, cfg: GlassConfig, dataset: str, category: str, train=None, *,
                finished: bool = True, **extra) -> dict:
+    """The checkpoint record: only the settings that shape the trained model are compared on load."""
     config = {k: v for k, v in asdict(cfg).items() if k not in NON_MODEL_KEYS}
     return checkpoint_meta(method=METHOD, dataset=dataset, category=category, model=backbone, config=config,
                            train_samples=train, finished=finished, **extra)
-
-
-# ---------------------------------------------------------------- one category, end to end
-def ckpt_folder(ckpt_dir: str | Path, dataset: str, category: str) -> Path:
-    return Path(ckpt_dir) / METHOD / dataset / safe_category(category)
-
-
-def run_category(backbone: nn.Module, dataset: str, category: str, cfg: GlassConfig, *, data_root=None,
-                 dtd_root=None, fg_root=None, score_dir, ckpt_dir, device, seed: int = 0,
-                 checkpoint: str | None = None, test_only: bool = False, allow_unfinished: bool = False) -> dict:
-    seed_everything(seed)
-    data = read_category(dataset, category, data_root)
-    cls = category.split("/")[-1]
-    resize = class_resize(category, cfg)
-    model = Glass(backbone, cfg).to(device)
-    folder = ckpt_folder(ckpt_dir, dataset, category)
-    t0 = time.time()
-    summary: dict = {"dataset": dataset, "category": category, "config": asdict(cfg), "resize": resize}
-
-    if cfg.distribution == 1:  # judge only, no training (official mode 1); never touches the shipped tables
-        svd, info = distribution_judge(mean_training_image(data.train, cfg.imagesize, cfg.batch_size, device),
-                                       cfg.official_judge_grid)
-        summary.update(svd=svd, judge=info)
-        atomic_write_json(folder / "judge.json", summary)
-        log.info("%s/%s: judge says %s (%s) -> %s", dataset, category, ["manifold", "hypersphere"][svd], info,
-                 folder / "judge.json")
-        return summary
-
-    source_dataset = TEST_ONLY_DATASETS.get(dataset)
-    if checkpoint or test_only or source_dataset:
-        path = Path(checkpoint) if checkpoint else _default_ckpt(
-            ckpt_folder(ckpt_dir, source_dataset, cls) if source_dataset else folder, cfg)
-        hint = (f"train it first: python glass.py --dataset {source_dataset or dataset} --categories "
-                f"{cls if source_dataset else category}, or pass --checkpoint")
-        # MAD is scored with the MVTec AD model of the class: its record names mvtec_ad/<class> and MVTec's images
-        expected = glass_meta(backbone, cfg, source_dataset or dataset, cls if source_dataset else category,
-                              None if source_dataset else data.train)
-        ckpt, _ = load_checked(path, expected, fix=f"re-train: python glass.py --dataset {source_dataset or dataset} "
-                               f"--categories {cls if source_dataset else category}",
-                               allow_unfinished=allow_unfinished, logger=log, missing_hint=hint)
-        model.load_state(ckpt, path)
-        summary.update(checkpoint=str(path), svd=ckpt.get("svd"), epoch=ckpt.get("epoch"))
-        log.info("%s/%s: test only, weights from %s (epoch %s)", dataset, category, path, ckpt.get("epoch"))
-    else:
-        summary.update(_train(model, data, cfg, resize, dataset, category, folder, dtd_root, fg_root, device, seed))
-
-    groups = data.score_groups()
-    res = predict(model, data.test, cfg, resize, device, write_maps=(str(score_dir), category), gt=True,
-                  binarize_gt=dataset == "visa", desc="test")
-    by_group = scores_for_samples(res["scores"], data.test, data)
-    if "val" in groups:
-        by_group["val"] = predict(model, groups["val"], cfg, resize, device, desc="validation")["scores"]
-    written = save_group_scores(data, METHOD, by_group, score_dir)
-    metrics = {f"image_auroc_{g}": _auroc([s.label for s in groups[g]], v) for g, v in by_group.items() if g != "val"}
-    metrics["pixel_auroc_crop"] = res["pixel_auroc"]
-    summary.update(metrics=metrics, seconds=time.time() - t0, score_files=[str(p) for p in written])
-    atomic_write_json(folder / "results.json", summary)
-    log.info("%s/%s: image AUROC %s; pixel AUROC (crop) %s; scores -> %s, maps -> %s/anomaly_maps/%s/%s", dataset,
-             category, ", ".join(f"{k[len('image_auroc_'):]} {100 * v:.1f}%" for k, v in metrics.items()
-                                 if k.startswith("image_auroc_")) or "n/a (no labels)",
-             "n/a" if metrics["pixel_auroc_crop"] is None else f"{100 * metrics['pixel_auroc_crop']:.1f}%",
-             Path(written[0]).parent, score_dir, METHOD, category)
-    return summary
-
-
-def _default_ckpt(folder: Path, cfg: GlassConfig) -> Path:
-    best = folder / "ckpt_best.pth"
-    return best if cfg.select_on_test and best.is_file() else folder / "ckpt.pth"
-
-
-def _train(model: Glass, data, cfg: GlassConfig, resize: int, dataset: str, category: str, folder: Path,
-           dtd_root, fg_root, device, seed: int) -> dict:
-    if not data.train:
-        raise DatasetError(f"{dataset}/{category} has no training images; GLASS needs train/good (or --checkpoint)")
-    fg = FG_DEFAULT.get(dataset, 0) if cfg.fg is None else cfg.fg
-    fg_dir = None
-    if fg:
-        fg_dir = Path(fg_root) / category if fg_root else Path(data.root).parent / "fg_mask" / category
-    textures = list_textures(dtd_root)
-    las = LASDataset(data.train, textures, resize, cfg.imagesize, cfg.downsampling, fg_dir, bool(cfg.rand_aug),
-                     cfg.beta_mean, cfg.beta_std, seed)
-    svd, source = choose_variant(dataset, category, cfg.distribution, lambda: distribution_judge(
-        mean_training_image(data.train, cfg.imagesize, cfg.batch_size, device), cfg.official_judge_grid)[0])
-    log.info("%s/%s: %s variant (%s), fg=%d, resize %d -> crop %d, %d train images, %d epochs; checkpoints -> %s",
-             dataset, category, ["manifold", "hypersphere"][svd], source, fg, resize, cfg.imagesize, len(data.train),
-             cfg.meta_epochs, folder)
-    trainer = Trainer(model, cfg, device, seed)
-    cache = trainer.cache_features(data.train, resize)
-    gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(las, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    history, best, best_epoch = [], -math.inf, None
-    bar = tqdm(range(cfg.meta_epochs), desc=f"glass {category}")
-    t_train = 0.0
-    for epoch in bar:
-        las.set_epoch(epoch)
-        t = time.time()
-        stats = trainer.train_epoch(loader, cache, svd)
-        t_train += time.time() - t
-        entry = {"epoch": epoch, **stats}
-        # finished only with the last epoch: a run killed earlier leaves a checkpoint that --test-only refuses
-        meta = glass_meta(model.extractor.backbone, cfg, dataset, category, data.train,
-                          finished=epoch == cfg.meta_epochs - 1, progress=f"epoch {epoch + 1} of {cfg.meta_epochs}")
-        state = {**model.state(), "epoch": epoch, "svd": svd, "config": asdict(cfg), "category": category,
-                 META_KEY: meta}
-        if cfg.select_on_test and (epoch + 1) % cfg.eval_epochs == 0:
-            # Official protocol: choose the epoch on the TEST set (max I-AUROC + P-AUROC, ties keep the earlier).
-            res = predict(model, data.test, cfg, resize, device, gt=True, binarize_gt=dataset == "visa", desc="eval")
-            entry.update(i_auroc=_auroc([s.label for s in data.test], res["scores"]), p_auroc=res["pixel_auroc"])
-            crit = np.nan_to_num(entry["i_auroc"]) + np.nan_to_num(entry["p_auroc"])
-            if crit > best:
-                best, best_epoch = crit, epoch
-                save_checkpoint(folder / "ckpt_best.pth", state)
-        save_checkpoint(folder / "ckpt.pth", state)
-        history.append(entry)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in ("loss", "p_true", "p_fake", "i_auroc")})
-    atomic_write_json(folder / "train_log.json", history)
-    if cfg.select_on_test and best_epoch is not None:
-        best_path = folder / "ckpt_best.pth"
-        best_state = load_checkpoint(best_path, hint="re-train")
-        best_state[META_KEY]["finished"] = True  # the selected epoch of a run that has now finished
-        save_checkpoint(best_path, best_state)
-        model.load_state(best_state, best_path)
-        log.info("%s/%s: TEST-SET model selection picked epoch %d (official protocol)", dataset, category, best_epoch)
-    return {"svd": svd, "variant_source": source, "fg": fg, "epoch": best_epoch if cfg.select_on_test else
-            cfg.meta_epochs - 1, "train_seconds_per_epoch": t_train / max(1, cfg.meta_epochs),
-            "final_loss": history[-1]["loss"] if history else None}

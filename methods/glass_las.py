@@ -1,10 +1,13 @@
-"""GLASS Local Anomaly Synthesis: Perlin masks, DTD texture augmentation, foreground masks, the training dataset."""
+"""GLASS Local Anomaly Synthesis: Perlin masks, DTD texture augmentation, foreground masks, the training dataset.
+
+Images, textures and masks arrive as sequences of PIL images (methods.base.ImageList reads files lazily, also in
+DataLoader workers); reader samples or paths are wrapped into one."""
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -17,9 +20,27 @@ from torchvision.transforms import functional as TF
 from common.cli import REPO_ROOT
 from dataset_readers.base import DatasetError, Sample, load_image
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD
+from methods.base import ImageList
 
 LOCAL_DTD = REPO_ROOT / "datasets" / "dtd" / "images"
 MAX_MASK_TRIES = 1000
+
+
+def as_images(items: Sequence[Any], mode: str = "RGB") -> Sequence[Any]:
+    """Reader samples or paths -> a lazy ImageList; a sequence of PIL images (or an ImageList) is kept as it is."""
+    if isinstance(items, ImageList) or not len(items):
+        return items
+    first = items[0]
+    if isinstance(first, (str, os.PathLike)) or hasattr(first, "path"):
+        return ImageList(items, mode)
+    return items
+
+
+def image_names(images: Sequence[Any]) -> list[str]:
+    """What error messages call each image: its file for an ImageList, else its index."""
+    if isinstance(images, ImageList):
+        return list(images.paths)
+    return [f"image {i}" for i in range(len(images))]
 
 
 def default_dtd_root() -> Path:
@@ -80,7 +101,7 @@ def perlin_binary(shape: tuple[int, int], rng: np.random.Generator, min_scale: i
 
 
 def perlin_mask(shape: tuple[int, int], downsampling: int, rng: np.random.Generator,
-                fg_mask: np.ndarray | None = None, min_scale: int = 0, max_scale: int = 6,
+                fg_mask: np.ndarray | None = None, *, min_scale: int = 0, max_scale: int = 6,
                 fg_hint: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(mask_l (H, W), mask_s (H/ds, W/ds)), both in {0, 1}; redrawn until mask_s has a positive cell.
 
@@ -158,21 +179,32 @@ def texture_transform(resize: int | tuple[int, int], crop: int, rand_aug: bool, 
     return tf
 
 
-def fg_mask_path(sample: Sample, fg_root: Path) -> Path:
-    return Path(fg_root) / Path(sample.path).name
+def fg_mask_path(sample: Sample | str | os.PathLike, fg_root: Path) -> Path:
+    """The official layout: the mask of an image has the image's file name."""
+    return Path(fg_root) / Path(getattr(sample, "path", sample)).name
+
+
+def fg_mask_array(mask: Image.Image, resize: int | tuple[int, int], crop: int) -> np.ndarray:
+    """Bilinear resize + centre crop of an "L" mask, then ceil: any non-zero pixel is foreground (official)."""
+    tf = T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(crop), T.ToTensor()])
+    return torch.ceil(tf(mask.convert("L") if mask.mode != "L" else mask)[0]).numpy()
 
 
 def load_fg_mask(path: Path, resize: int | tuple[int, int], crop: int) -> np.ndarray:
-    """Bilinear resize + centre crop, then ceil: any non-zero pixel is foreground (official)."""
     if not path.is_file():
         raise DatasetError(f"foreground mask not found: {path}; GLASS --fg 1 needs one mask per training image "
                            f"in {path.parent}/ (download 'Foreground Mask' from the GLASS README, or make binary "
                            "masks by thresholding), or run with --fg 0")
-    tf = T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(crop), T.ToTensor()])
-    return torch.ceil(tf(load_image(path, mode="L"))[0]).numpy()
+    return fg_mask_array(load_image(path, mode="L"), resize, crop)
 
 
-def check_fg_masks(samples: Sequence[Sample], fg_root: Path) -> None:
+def fg_masks_of(samples: Sequence[Any], fg_root: Path) -> ImageList:
+    """The foreground mask of every training image (<fg_root>/<image name>), checked to exist, read lazily."""
+    check_fg_masks(samples, fg_root)
+    return ImageList([fg_mask_path(s, fg_root) for s in samples], mode="L")
+
+
+def check_fg_masks(samples: Sequence[Any], fg_root: Path) -> None:
     """Fail before training (not mid-epoch, official issue #18) when any foreground mask is missing."""
     missing = [fg_mask_path(s, fg_root) for s in samples if not fg_mask_path(s, fg_root).is_file()]
     if missing:
@@ -185,47 +217,55 @@ def check_fg_masks(samples: Sequence[Sample], fg_root: Path) -> None:
 class LASDataset(torch.utils.data.Dataset):
     """Training items (index, LAS image, mask_s). The normal image is looked up in the feature cache by index.
 
+    `images`, `textures`: PIL images (or reader samples / paths, read lazily); `fg_masks`: one "L" foreground mask
+    per image, or `fg_root`, the folder holding them by image name (checked now), or neither (no masks).
     Randomness comes from a per-item generator seeded by (seed, epoch, index) so runs are reproducible with any
     number of loader workers. Blending uses beta ~ N(mean, std) clipped to [0.2, 0.8]:
     I_aug = I (1-M) + (1-beta) T M + beta I M.
     """
 
-    def __init__(self, samples: Sequence[Sample], textures: Sequence[Path], resize: int | tuple[int, int], crop: int,
-                 downsampling: int = 8, fg_root: Path | None = None, rand_aug: bool = True,
-                 beta_mean: float = 0.5, beta_std: float = 0.1, seed: int = 0):
-        self.samples = list(samples)
-        self.textures = list(textures)
+    def __init__(self, images: Sequence[Any], textures: Sequence[Any], resize: int | tuple[int, int], crop: int,
+                 downsampling: int = 8, *, fg_masks: Sequence[Any] | None = None, fg_root: Path | None = None,
+                 rand_aug: bool = True, beta_mean: float = 0.5, beta_std: float = 0.1, seed: int = 0):
+        self.images = as_images(images)
+        self.textures = as_images(textures)
+        if not len(self.textures):
+            raise DatasetError("GLASS LAS needs DTD texture images; none were given (--dtd-root)")
         self.resize, self.crop, self.ds = resize, crop, downsampling
-        self.fg_root = fg_root
+        if fg_masks is None and fg_root is not None:
+            fg_masks = fg_masks_of(getattr(images, "paths", images), Path(fg_root))
+        if fg_masks is not None and len(fg_masks) != len(self.images):
+            raise DatasetError(f"{len(fg_masks)} foreground masks for {len(self.images)} training images; give one "
+                               "per image or run with --fg 0")
+        self.fg_masks = fg_masks
         self.rand_aug = rand_aug
         self.beta_mean, self.beta_std = beta_mean, beta_std
         self.seed, self.epoch = seed, 0
         self.image_tf = T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(crop), T.ToTensor(),
                                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        if fg_root is not None:
-            check_fg_masks(self.samples, fg_root)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.images)
+
+    def _fg_name(self, i: int) -> str:
+        if self.fg_masks is None:
+            return ""
+        return str(self.fg_masks.paths[i]) if isinstance(self.fg_masks, ImageList) else f"foreground mask {i}"
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        image = self.image_tf(load_image(self.samples[i].path))
-        tex_path = self.textures[int(rng.integers(len(self.textures)))]
+        image = self.image_tf(self.images[i])
+        tex = self.textures[int(rng.integers(len(self.textures)))]
         tex_tf = texture_transform(self.resize, self.crop, True, rng) if self.rand_aug else None
         # the item's own torch generator, drawn from the item's stream: the global torch RNG is never touched here
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
-        texture = tex_tf(load_image(tex_path), gen) if tex_tf is not None else self.image_tf(load_image(tex_path))
-        fg = None
-        if self.fg_root is not None:
-            path = fg_mask_path(self.samples[i], self.fg_root)
-            fg = load_fg_mask(path, self.resize, self.crop)
+        texture = tex_tf(tex, gen) if tex_tf is not None else self.image_tf(tex)
+        fg = None if self.fg_masks is None else fg_mask_array(self.fg_masks[i], self.resize, self.crop)
         shape = tuple(image.shape[1:])
-        mask_l, mask_s = perlin_mask(shape, self.ds, rng, fg, fg_hint=str(fg_mask_path(self.samples[i], self.fg_root))
-                                     if self.fg_root is not None else "")
+        mask_l, mask_s = perlin_mask(shape, self.ds, rng, fg, fg_hint=self._fg_name(i))
         beta = float(np.clip(rng.normal(self.beta_mean, self.beta_std), 0.2, 0.8))
         m = torch.from_numpy(mask_l)[None]
         aug = image * (1 - m) + (1 - beta) * texture * m + beta * image * m

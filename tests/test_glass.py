@@ -86,7 +86,7 @@ def test_glass_loss_trains_both_networks_and_logs_radius():
     m = (torch.arange(n) % 4 == 0).float()
     c = torch.zeros(n, d)
     for svd in (0, 1):
-        loss, stats = glass_loss(disc, x, f, m, c, svd, cfg)
+        loss, stats = glass_loss(disc, x, f, m, c, svd=svd, cfg=cfg)
         adaptor.zero_grad()
         disc.zero_grad()
         loss.backward(retain_graph=True)
