@@ -76,14 +76,15 @@ class GlassConfig:
     resize: int = opt(288, "shorter side before the crop (set together with --imagesize)", cli=False)
     layers: tuple[str, ...] = opt(("layer2", "layer3"), "backbone layers of the patch features", cli=False)
     pretrain_dim: int = opt(1536, "per-layer and target patch-feature dimension (official pretrain = target "
-                                  "embed dimension)", flag="--embed-dim")
+                                  "embed dimension)", flag="--embed-dim", metavar="DIM")
     target_dim: int = opt(1536, "target patch-feature dimension (set together with --embed-dim)", cli=False)
     patchsize: int = opt(3, "local aggregation neighbourhood (patchsize x patchsize)", cli=False)
     pre_proj: int = opt(1, "Linear layers of the feature adaptor (pre-projection); 0: no adaptor")
     dsc_layers: int = opt(2, "discriminator depth in Linear layers")
     dsc_hidden: int = opt(1024, "discriminator hidden width")
     dsc_margin: float = opt(0.5, "score threshold of the logged p_true / p_fake", cli=False)
-    meta_epochs: int = opt(640, "training epochs (official meta_epochs)", flag="--epochs", aliases=("--meta-epochs",))
+    meta_epochs: int = opt(640, "training epochs (official meta_epochs)", flag="--epochs", aliases=("--meta-epochs",),
+                           metavar="N")
     eval_epochs: int = opt(1, "with --select-on-test: evaluate on the test set every N epochs")
     batch_size: int = opt(8, "training and inference batch size")
     lr: float = opt(1e-4, "adaptor learning rate (the discriminator's is twice it)")
