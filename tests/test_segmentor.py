@@ -345,18 +345,18 @@ def test_config_defaults_fast_preset_and_flag_precedence():
     fast = SegmentorConfig.fast()
     assert (fast.resolution, fast.epochs, fast.sup_only_epochs, fast.lsa_points, fast.lsa_attempts) == (64, 12, 6, 2000, 100)
 
-    def cfg(category, *argv):
+    def cfg(category, argv=()):
         return train_segmentor.category_config(train_segmentor.parse_args(list(argv)), category)
 
     args = train_segmentor.parse_args(["--ce-on-logits", "--official-lsa", "--official-hole-fill"])
     assert args.seed == 42 and args.labels == "pseudo" and args.masks_root.endswith("datasets/masks")
-    f = cfg("juice_bottle", "--fast", "--ce-on-logits", "--official-lsa", "--official-hole-fill")
+    f = cfg("juice_bottle", ["--fast", "--ce-on-logits", "--official-lsa", "--official-hole-fill"])
     assert f.resolution == 64 and f.epochs == 12 and f.ce_on_logits and f.official_lsa and f.official_hole_fill
     assert f.fill_holes  # the category's official value on top of the --fast preset
     # an explicit flag wins over --fast even when it equals the full default, and over the category's value
-    g = cfg("juice_bottle", "--fast", "--resolution", "256", "--no-fill-holes", "--epochs", "3", "--dtype", "bf16")
+    g = cfg("juice_bottle", ["--fast", "--resolution", "256", "--no-fill-holes", "--epochs", "3", "--dtype", "bf16"])
     assert (g.resolution, g.epochs, g.sup_only_epochs, g.fill_holes, g.dtype) == (256, 3, 6, False, "bf16")
-    assert cfg("screw_bag", "--min-distance", "0.2").min_distance == 0.2 and cfg("screw_bag").min_distance == 0.1
+    assert cfg("screw_bag", ["--min-distance", "0.2"]).min_distance == 0.2 and cfg("screw_bag").min_distance == 0.1
     assert cfg("pushpins") == make_config("pushpins")  # no flag: the official values
     assert "(default 120; --fast 12)" in " ".join(train_segmentor.build_parser().format_help().split())
 
@@ -610,3 +610,20 @@ def test_test_only_refuses_other_settings_and_old_checkpoints(fast_run, tmp_path
     line = refused("--checkpoint", str(fast_run["ckpt"]), "--categories", "synth_box", "synth_bottle")
     assert "--checkpoint names one file, but 2 categories" in line
     assert not (tmp_path / "s").exists() or not list((tmp_path / "s").glob("*.npy"))
+
+
+def test_bf16_predict_is_finite_and_ranks_like_fp32(fast_run, synth_with_maps):
+    from scipy.stats import spearmanr
+
+    from dataset_readers import read_category
+    from methods.base import ImageList, load_model
+
+    model, _ = load_model(fast_run["ckpt"])
+    images = ImageList(read_category("synthetic_loco", "synth_box", synth_with_maps).test)
+    fp32 = model.predict(images)
+    model.cfg.dtype = "bf16"  # what predict.py --dtype sets
+    bf16 = model.predict(images)
+    assert np.isfinite(bf16.scores).all() and bf16.scores.dtype == np.float64
+    assert (bf16.label_maps == fp32.label_maps).mean() > 0.95
+    rho = spearmanr(bf16.scores, fp32.scores)[0]
+    assert rho > 0.9, rho
