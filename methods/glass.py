@@ -29,7 +29,7 @@ from common.config import opt
 from common.errors import CheckpointError, UserError
 from dataset_readers import DatasetError
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform
-from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, ImageList, Prediction, backbone_from_checkpoint,
+from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, Prediction, backbone_from_checkpoint,
                           backbone_state_if_random, image_sizes, reduced_precision)
 from methods.glass_las import LASDataset, as_images, image_names
 from methods.knn import NonFiniteError, check_features, weights_cause
