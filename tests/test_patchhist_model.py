@@ -190,3 +190,19 @@ def test_predict_script_scores_a_segmentor_checkpoint(fitted, tiny, tmp_path):
     got = np.array([rows[str(Path(s.path))] for s in data.test])
     np.testing.assert_allclose(got, pred.scores, rtol=1e-9)
     assert not (tmp_path / "o" / "maps").exists() or not list((tmp_path / "o" / "maps").rglob("*.tiff"))
+
+
+def test_without_validation_the_training_images_normalise(tiny, lite0_weights, caplog):
+    from methods.csad.segmentor import images_uint8, predict_from_feats
+    from models.backbones import load_backbone
+
+    _, data, maps = tiny
+    model = PatchHistModel(load_backbone("efficientnet_lite0", lite0_weights), SegmentorConfig(**{**TINY, "epochs": 1}))
+    model.fit(ImageList(data.train), labels=_labels(maps), validation=[], seed=0)
+    assert "no validation split" in caplog.text
+    images, _ = images_uint8(ImageList(data.train), 32)
+    train_maps = predict_from_feats(model.segmentor, model.encoder.encode_uint8(images, 16), 32, 16)
+    dg, dp = model.patch_histogram.distances(train_maps)  # the re-encoded training images, as before
+    assert np.array_equal(model.patch_histogram.hist_val_score, dg)
+    assert np.array_equal(model.patch_histogram.patch_hist_val_score, dp)
+    assert model.val_scores.shape == (len(data.train),)
