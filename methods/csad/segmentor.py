@@ -27,14 +27,13 @@ from tqdm import tqdm
 from common import get_logger
 from common.checkpoints import META_KEY, checkpoint_meta
 from common.config import opt
-from common.errors import CheckpointError, UserError
+from common.errors import CheckpointError, NonFiniteError, UserError, require_finite, weights_cause
 from dataset_readers import CategoryData, image_size
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform
 from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, Prediction, backbone_from_checkpoint,
                           backbone_state_if_random, batched, reduced_precision)
 from methods.csad import label_layout as layout
 from methods.csad.patch_histogram import PatchHistogram, class_histograms
-from methods.knn import NonFiniteError, require_finite, weights_cause
 from models.feature_extractor import FeatureExtractor
 from models.segmentor import ENCODER_LAYERS, Segmentor
 
