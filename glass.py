@@ -27,7 +27,7 @@ from common.official import add_official_switch
 from dataset_readers import DatasetError, read_category
 from dataset_readers.base import GOOD, Sample, union_mask
 from evaluation.score_files import safe_category, save_anomaly_maps, save_group_scores, scores_for_samples
-from methods.base import ImageList
+from methods.base import ImageList, reduced_precision
 from methods.glass import (FG_DEFAULT, METHOD, NON_MODEL_KEYS, TEST_ONLY_DATASETS, GlassConfig, GlassModel, _auroc,
                            class_resize, crop_of_map, distribution_judge, glass_meta, mask_at_crop,
                            mean_training_image)
@@ -92,6 +92,7 @@ def main(argv=None) -> list[dict]:
     set_threads(args.threads)
     cfg = build_config(args)
     device = pick_device(args.device)
+    reduced_precision(cfg.dtype, device)  # refuses --dtype fp16 on the CPU now, not after training
     categories = resolve_categories(args, check=True)
     backbone = load_backbone(args.backbone, args.weights).to(device)
     from common.provenance import start_from_args, weights_record  # the run record every score file carries
@@ -137,8 +138,11 @@ def run_category(backbone: torch.nn.Module, dataset: str, category: str, cfg: Gl
                  checkpoint: str | None = None, test_only: bool = False, allow_unfinished: bool = False) -> dict:
     """Read -> fit (or load) -> save -> predict -> write score files, TIFF maps and results.json."""
     seed_everything(seed)  # before the model is built: its initial weights come from the global RNG
+    source_dataset = TEST_ONLY_DATASETS.get(dataset)
+    training = not (checkpoint or test_only or source_dataset) and cfg.distribution != 1
     with stage("read", category=category):
         data = read_category(dataset, category, data_root)
+        inputs = _fit_inputs(data, cfg, dtd_root=dtd_root, fg_root=fg_root) if training else {}
     resize = class_resize(category, cfg)
     folder = ckpt_folder(ckpt_dir, dataset, category)
     t0 = time.time()
@@ -154,15 +158,14 @@ def run_category(backbone: torch.nn.Module, dataset: str, category: str, cfg: Gl
                  folder / "judge.json")
         return summary
 
-    source_dataset = TEST_ONLY_DATASETS.get(dataset)
-    if checkpoint or test_only or source_dataset:
+    if not training:
         model, path = _load(backbone, cfg, data, device, checkpoint=checkpoint, folder=folder,
                             ckpt_dir=ckpt_dir, source_dataset=source_dataset, allow_unfinished=allow_unfinished)
         summary.update(checkpoint=str(path), svd=model.svd, epoch=model.epoch)
         log.info("%s/%s: test only, weights from %s (epoch %s)", dataset, category, path, model.epoch)
     else:
         model = GlassModel(backbone, cfg, device=device, resize=resize)
-        summary.update(_train(model, data, dtd_root=dtd_root, fg_root=fg_root, folder=folder, seed=seed))
+        summary.update(_train(model, data, inputs, folder=folder, seed=seed))
 
     test = ImageList(data.test)
     with stage("predict", category=category, images=len(test)):
@@ -170,7 +173,7 @@ def run_category(backbone: torch.nn.Module, dataset: str, category: str, cfg: Gl
         val = model.predict(ImageList(data.score_groups()["val"]), maps=False).scores \
             if "val" in data.score_groups() else None
     with stage("write", category=category):
-        summary.update(_write(model, data, pred, val, score_dir=score_dir, folder=folder))
+        summary.update(_write(model, data, pred, val, score_dir=score_dir))
     summary["seconds"] = time.time() - t0
     atomic_write_json(folder / "results.json", summary)
     metrics = summary["metrics"]
@@ -203,18 +206,23 @@ def _load(backbone, cfg: GlassConfig, data, device, *, checkpoint, folder: Path,
     return model, path
 
 
-def _train(model: GlassModel, data, *, dtd_root, fg_root, folder: Path, seed: int) -> dict:
-    """Read the fit inputs (DTD, foreground masks, the test set for --select-on-test), fit, save checkpoints."""
-    cfg, dataset, category = model.cfg, data.dataset, data.category
+def _fit_inputs(data, cfg: GlassConfig, *, dtd_root, fg_root) -> dict:
+    """What fit reads besides the training images: the DTD textures and the foreground masks (checked now)."""
+    dataset, category = data.dataset, data.category
     if not data.train:
         raise DatasetError(f"{dataset}/{category} has no training images; GLASS needs train/good (or --checkpoint)")
     fg = FG_DEFAULT.get(dataset, 0) if cfg.fg is None else cfg.fg
-    with stage("read", category=category):
-        textures = ImageList(list_textures(dtd_root))
-        fg_masks = None
-        if fg:
-            fg_dir = Path(fg_root) / category if fg_root else Path(data.root).parent / "fg_mask" / category
-            fg_masks = fg_masks_of(data.train, fg_dir)  # every mask checked now, not mid-epoch (official issue #18)
+    fg_masks = None
+    if fg:
+        fg_dir = Path(fg_root) / category if fg_root else Path(data.root).parent / "fg_mask" / category
+        fg_masks = fg_masks_of(data.train, fg_dir)  # every mask checked now, not mid-epoch (official issue #18)
+    return {"textures": ImageList(list_textures(dtd_root)), "fg_masks": fg_masks, "fg": fg}
+
+
+def _train(model: GlassModel, data, inputs: dict, *, folder: Path, seed: int) -> dict:
+    """Fit (with the test set for --select-on-test), saving a checkpoint every epoch; the training log."""
+    cfg, dataset, category = model.cfg, data.dataset, data.category
+    fg = inputs["fg"]
     log.info("%s/%s: fg=%d, checkpoints -> %s", dataset, category, fg, folder)
     backbone = model.net.extractor.backbone
     last = cfg.meta_epochs - 1
@@ -236,8 +244,8 @@ def _train(model: GlassModel, data, *, dtd_root, fg_root, folder: Path, seed: in
         evals = dict(eval_images=ImageList(data.test), eval_labels=[s.label for s in data.test],
                      eval_masks=GroundTruth(data.test), binarize_masks=dataset == "visa")
     with stage("fit", category=category, images=len(data.train)):
-        model.fit(ImageList(data.train), textures=textures, fg_masks=fg_masks, dataset=dataset, category=category,
-                  seed=seed, on_epoch=on_epoch, **evals)
+        model.fit(ImageList(data.train), textures=inputs["textures"], fg_masks=inputs["fg_masks"], dataset=dataset,
+                  category=category, seed=seed, on_epoch=on_epoch, **evals)
     with stage("save", category=category):
         if not cfg.select_on_test and model.epoch is not None:
             model.save(folder / "ckpt.pth", meta(model.epoch, True))
@@ -247,7 +255,7 @@ def _train(model: GlassModel, data, *, dtd_root, fg_root, folder: Path, seed: in
     return {**model.fit_info, "fg": fg}
 
 
-def _write(model: GlassModel, data, pred, val_scores, *, score_dir, folder: Path) -> dict:
+def _write(model: GlassModel, data, pred, val_scores, *, score_dir) -> dict:
     """Score files per group, one TIFF map per test image (original size), the crop-resolution pixel AUROC."""
     cfg, category = model.cfg, data.category
     groups = data.score_groups()

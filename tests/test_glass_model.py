@@ -262,3 +262,13 @@ def test_functions_with_more_than_five_parameters_are_keyword_only():
 
 def _is_log_call(node: ast.Call) -> bool:
     return isinstance(node.func, ast.Attribute) and node.func.attr in ("debug", "info", "warning", "error")
+
+
+def test_fp16_on_the_cpu_is_refused_before_training(tiny_root, lite0_weights, dtd_root, tmp_path):
+    import glass
+
+    argv = _common(tiny_root, lite0_weights, dtd_root, tmp_path / "c") + ["--score-dir", str(tmp_path / "s"),
+                                                                          "--dtype", "fp16"]
+    with pytest.raises(SystemExit, match="--dtype fp16 needs a CUDA device"):
+        glass.main(argv)
+    assert not (tmp_path / "c" / "glass").exists()
