@@ -32,6 +32,10 @@ def _children_in_call_order(module: nn.Module) -> list[tuple[str, nn.Module]] | 
     return None if names is None else [(n, getattr(module, n)) for n in names]
 
 
+def _within(target: str, path: str) -> bool:
+    return target == path or target.startswith(path + ".")
+
+
 def _steps(module: nn.Module, path: str, names_at: dict[str, list[str]],
            whole: bool) -> list[tuple[nn.Module, list[str]]]:
     """`module` (at `path` in the backbone) as a list of (module, layer names captured after it) run one after
@@ -51,8 +55,12 @@ def _steps(module: nn.Module, path: str, names_at: dict[str, list[str]],
         return f"{path}.{name}" if path else name
 
     def holds(p: str) -> bool:
-        return any(t == p or t.startswith(p + ".") for t in names_at)
+        return any(_within(t, p) for t in names_at)
 
+    missed = [t for t in inside if not any(_within(t, child_path(n)) for n, _ in children)]
+    if missed:  # e.g. a classifier head
+        raise ValueError(f"cannot take '{missed[0]}' from {type(module).__name__}: its features come from the "
+                         f"chain {', '.join(child_path(n) for n, _ in children)}; request a layer inside it")
     last = len(children) - 1 if whole else max(i for i, (n, _) in enumerate(children) if holds(child_path(n)))
     steps: list[tuple[nn.Module, list[str]]] = []
     for i, (name, child) in enumerate(children[:last + 1]):

@@ -129,6 +129,18 @@ def test_same_maps_and_bn_updates_as_hooks(name):
     assert not any(k.startswith(after3) or k.startswith(head) for k in moved), sorted(moved)[-3:]
 
 
+def test_timm_resnet_without_aliases():
+    """timm's ResNet (stem conv1/bn1/act1/maxpool) by its own module names, no layer_aliases attribute."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    for layers in (["layer1", "layer2", "layer3", "layer4"], ["layer3", "layer2.0"]):
+        ours = FeatureExtractor(model, layers)(x)
+        ref = _reference(model, layers, lambda r: r(x))
+        assert list(ours) == layers and all(torch.equal(ours[k], ref[k]) for k in layers)
+
+
 def test_shared_backbone_and_api():
     model = _build("resnet18")
     x = torch.randn(3, 3, 48, 64, generator=torch.Generator().manual_seed(3))
@@ -182,6 +194,16 @@ def test_layers_that_cannot_be_cut_out():
     model = _build("resnet18")
     with pytest.raises(ValueError, match="layer2.0.conv1"):  # inside a residual block: not a chain of children
         FeatureExtractor(model, ["layer2.0.conv1", "layer3"])
+    with pytest.raises(ValueError, match="'fc'"):  # the classifier is not on the feature chain
+        FeatureExtractor(model, ["fc"])
+    with pytest.raises(ValueError, match="Wrapper"):  # a forward the extractor does not know
+
+        class Wrapper(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = model
+
+        FeatureExtractor(Wrapper(), ["net.layer2"])
     with pytest.raises(AttributeError):
         FeatureExtractor(model, ["layer9"])
     with pytest.raises(ValueError, match="at least one"):
