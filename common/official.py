@@ -37,6 +37,10 @@ def _action_of(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
 
 
 def _flag_text(action: argparse.Action, value: object) -> str:
+    if isinstance(action, argparse.BooleanOptionalAction):
+        pos = [o for o in action.option_strings if not o.startswith("--no-")]
+        neg = [o for o in action.option_strings if o.startswith("--no-")]
+        return (pos if value else neg or pos)[0]
     longs = [o for o in action.option_strings if o.startswith("--")] or list(action.option_strings)
     name = max(longs, key=len)
     if action.nargs == 0:  # store_true / store_false / store_const: the flag alone says it
@@ -58,7 +62,10 @@ def add_official_switch(parser: argparse.ArgumentParser, flags: Mapping[str, obj
         action = _action_of(parser, dest)
         if isinstance(action, argparse._AppendAction):
             raise ValueError(f"--official cannot set the append option {dest!r}")
-        if action.nargs == 0 and value != action.const:
+        if isinstance(action, argparse.BooleanOptionalAction):  # common.config's boolean fields: --x / --no-x
+            if not isinstance(value, bool):
+                raise ValueError(f"--official sets the boolean option {dest!r} to {value!r}")
+        elif action.nargs == 0 and value != action.const:
             raise ValueError(f"--official sets {dest!r} to {value!r}, but its flag stores {action.const!r}")
         parts.append(_flag_text(action, value))
     listed = ", ".join(parts) if parts else "nothing yet"
