@@ -108,3 +108,59 @@ def predicted(out: Path) -> dict[str, dict]:
     from evaluation.predictions import read_scores_csv
 
     return {str(Path(r["path"]).resolve()): r for r in read_scores_csv(out / "scores.csv")}
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    from dataset_readers.synthetic_loco import generate
+
+    root = tmp_path_factory.mktemp("predict_loco")
+    generate(root, size=64, n_train=6, n_val=2, n_test=4, seed=0, categories=[CATEGORY])
+    return root
+
+
+def _check_against_score_files(root: Path, score_dir: Path, method: str, out: Path, maps: bool) -> None:
+    import tifffile
+
+    from dataset_readers import read_category
+    from evaluation.score_files import anomaly_map_path
+
+    want = score_file_scores(root, score_dir, method)
+    got = predicted(out)
+    assert set(got) == set(want)  # every test image once, nothing else
+    for path, score in want.items():
+        assert float(got[path]["score"]) == pytest.approx(score, rel=1e-6, abs=1e-9), path
+    if maps:
+        data = read_category("synthetic_loco", CATEGORY, root)
+        base = Path(data.test[0].path).parents[1]
+        for s in data.test:
+            ours = tifffile.imread(out / "maps" / Path(s.path).relative_to(base).with_suffix(".tiff"))
+            ref = tifffile.imread(anomaly_map_path(method, CATEGORY, s, score_dir))
+            assert ours.shape == ref.shape == Image.open(s.path).size[::-1]  # original size
+            np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+            assert (out / "overlays" / Path(s.path).relative_to(base).with_suffix(".png")).is_file()
+
+
+def test_predict_glass_checkpoint_gives_the_score_files(tiny_root, lite0_weights, dtd_root, tmp_path):
+    """glass.py trains and scores; predict.py on the test folder, from the checkpoint alone, in a fresh
+    process, gives the same image scores and maps."""
+    run(["glass.py", "--dataset", "synthetic_loco", "--data-root", str(tiny_root), "--categories", CATEGORY,
+         "--fast", "--backbone", "efficientnet_lite0", "--weights", str(lite0_weights), "--dtd-root", str(dtd_root),
+         "--device", "cpu", "--threads", "1", "--epochs", "2", "--ckpt-dir", str(tmp_path / "c"),
+         "--score-dir", str(tmp_path / "s")])
+    (ckpt,) = [p for p in (tmp_path / "c").rglob("ckpt.pth")]
+    test_dir = tiny_root / CATEGORY / "test"
+    bad = test_dir / "good" / "zz_broken.png"
+    bad.write_bytes(b"not an image")
+    try:
+        res = run(["predict.py", "--checkpoint", str(ckpt), "--images", str(test_dir), "--out", str(tmp_path / "o"),
+                   "--device", "cpu", "--threads", "1"], check=False)
+    finally:
+        bad.unlink()
+    # the unreadable file is refused in one line, the others are scored, and the exit status says so
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert sum("zz_broken.png" in line for line in (res.stdout + res.stderr).splitlines()) == 1
+    assert "Traceback" not in res.stderr
+    _check_against_score_files(tiny_root, tmp_path / "s", "glass", tmp_path / "o", maps=True)
+    run_json = (tmp_path / "o" / "run.json").read_text()
+    assert '"method": "glass"' in run_json and "weights_sha256" in run_json
