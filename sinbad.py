@@ -12,6 +12,7 @@ import numpy as np
 
 from common import atomic_write_json, get_logger, pick_device, seed_everything, set_threads
 from common.cli import add_common_args, ensure_output_dirs, make_parser, resolve_categories
+from common.config import add_config_args, config_from_args
 from common.errors import UserError, guard
 from common.official import add_official_switch
 from dataset_readers import read_category
@@ -33,7 +34,6 @@ OFFICIAL_FLAGS = {"official_thresholds": True}
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
-    d = SinbadConfig()
     g = p.add_argument_group("SINBAD")
     g.add_argument("--levels", "--level", nargs="+", type=int, default=list(LEVELS),
                    choices=sorted([*DEEP_LAYERS, PIXEL_LEVEL]),
@@ -42,22 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crops per canvas for the deep levels (16, 9, 4, 1 = ratios 0.25, 0.5, 0.7, 0.99)")
     g.add_argument("--units-only", action="store_true", help="write the unit files, skip the ensemble")
     g.add_argument("--ensemble-only", action="store_true", help="combine existing unit files into score files")
-    g.add_argument("--canvas", type=int, default=None, help=f"canvas side (official initial_res; {d.canvas}, --fast 256)")
-    g.add_argument("--crop-res", type=int, default=None,
-                   help=f"side every crop is resized to ({d.set_res}, --fast 112)")
-    g.add_argument("--projections", type=int, default=d.projections, help="random projections, levels 7/14")
-    g.add_argument("--pixel-projections", type=int, default=d.pixel_projections)
-    g.add_argument("--quantiles", type=int, default=d.quantiles, help="thresholds per projection")
-    g.add_argument("--shrinkage", type=float, default=d.shrinkage)
-    g.add_argument("--pixel-shrinkage", type=float, default=d.pixel_shrinkage)
-    g.add_argument("--pixel-reps", type=int, default=d.pixel_reps, help="pixel-level repeats (median in the ensemble)")
-    g.add_argument("--lambda-pixel", type=float, default=d.lambda_pixel, help="weight of the pixel level")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch; the first fits thresholds")
     g.add_argument("--official-thresholds", action="store_true",
                    help="official: re-fit thresholds on the first batch of every split, test included")
-    g.add_argument("--whiten", choices=["inv", "inv_sqrt"], default=d.whiten,
-                   help="inv: x Sigma^-1 as the official code; inv_sqrt: Mahalanobis")
     g.add_argument("--benchmark", action="store_true", help="write time per image per level and peak memory (JSON)")
+    add_config_args(p, SinbadConfig, title="SINBAD settings (methods.sinbad.SinbadConfig)")
     add_official_switch(p, OFFICIAL_FLAGS, help_extra="the official projections are unseeded, so two official runs "
                         "differ too (docs/sinbad.md)")
     return p
@@ -68,22 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_config(args) -> SinbadConfig:
-    kw = dict(projections=args.projections, pixel_projections=args.pixel_projections, quantiles=args.quantiles,
-              shrinkage=args.shrinkage, pixel_shrinkage=args.pixel_shrinkage, pixel_reps=args.pixel_reps,
-              lambda_pixel=args.lambda_pixel, batch_size=args.batch_size, seed=args.seed,
-              official_thresholds=args.official_thresholds, whiten=args.whiten)
-    if args.canvas:
-        kw["canvas"] = args.canvas
-    if args.crop_res:
-        kw["set_res"] = args.crop_res
-    if args.fast:
-        d = SinbadConfig()
-        # --fast shrinks canvas, projections and repeats unless they were given explicitly
-        for k in ("projections", "pixel_reps"):
-            if kw[k] == getattr(d, k):
-                kw.pop(k)
-        return SinbadConfig.fast_config(**kw)
-    return SinbadConfig(**kw)
+    """The --fast preset (or the paper grid), then every flag given explicitly (an explicit value equal to the
+    full default still wins over --fast)."""
+    return config_from_args(SinbadConfig, args, seed=args.seed, official_thresholds=args.official_thresholds)
 
 
 def units_for(args) -> list[tuple[int, int]]:

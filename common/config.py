@@ -42,8 +42,11 @@ def opt(default: Any = _MISSING, help: str = "", *, flag: str | None = None, ali
 
 
 def presets(cls: type) -> tuple[Any, Any | None]:
-    """(cls(), cls.fast()) — the full defaults and the --fast preset (None if the class has none)."""
+    """(cls(), cls.fast()) — the full defaults and the --fast preset (None if the class has none). A class whose
+    field is named `fast` names its preset `fast_config`."""
     fast = getattr(cls, "fast", None)
+    if not callable(fast):
+        fast = getattr(cls, "fast_config", None)
     return cls(), (fast() if callable(fast) else None)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.config import opt
 from common.errors import UserError
 from common.io import atomic_path
 from dataset_readers.base import CategoryData, Sample
@@ -38,24 +39,25 @@ UNIT_VERSION = 1
 @dataclass
 class SinbadConfig:
     """Defaults = the paper grid of the official launchers (`NivC/SINBAD`)."""
-    canvas: int = 1024
-    crop_num_edge: int = 4  # stride = canvas // 4
-    set_res: int = 224  # every crop is resized to this before the backbone
-    projections: int = 1000  # levels 7/14
-    pixel_projections: int = 10  # level 224
-    quantiles: int = 5
-    percentiles: tuple[float, float] = (1.0, 99.0)
-    shrinkage: float = 0.1
-    pixel_shrinkage: float = 1.0
-    batch_size: int = 32  # also the threshold-fitting batch
-    pixel_reps: int = 100
-    lambda_pixel: float = 0.1
-    reg_eps: float = 1e-5
-    official_thresholds: bool = False  # True: re-fit lo/hi on the first batch of every split (transductive)
-    whiten: str = "inv"  # "inv": x @ inv(Sigma) as the official code; "inv_sqrt": Mahalanobis
-    seed: int = 0
-    mem_elems: int = 2 ** 25  # bound on projected values held at once (x quantiles as booleans)
-    fast: bool = False
+    canvas: int = opt(1024, "canvas side (official initial_res)")
+    crop_num_edge: int = opt(4, "crop grid stride = canvas // this", cli=False)
+    set_res: int = opt(224, "side every crop is resized to before the backbone", flag="--crop-res")
+    projections: int = opt(1000, "random projections, levels 7/14")
+    pixel_projections: int = opt(10, "random projections, pixel level 224")
+    quantiles: int = opt(5, "thresholds per projection")
+    percentiles: tuple[float, float] = opt((1.0, 99.0), "threshold range (percentiles)", cli=False)
+    shrinkage: float = opt(0.1, "covariance shrinkage, levels 7/14")
+    pixel_shrinkage: float = opt(1.0, "covariance shrinkage, pixel level")
+    batch_size: int = opt(32, "images per batch; the first fits the thresholds")
+    pixel_reps: int = opt(100, "pixel-level repeats (median in the ensemble)")
+    lambda_pixel: float = opt(0.1, "weight of the pixel level in the ensemble")
+    reg_eps: float = opt(1e-5, "covariance regulariser", cli=False)
+    official_thresholds: bool = opt(False, "official: re-fit thresholds on the first batch of every split, test "
+                                    "included (transductive)", cli=False)
+    whiten: str = opt("inv", "inv: x Sigma^-1 as the official code; inv_sqrt: Mahalanobis", choices=("inv", "inv_sqrt"))
+    seed: int = opt(0, "projection seed (the script's --seed)", cli=False)
+    mem_elems: int = opt(2 ** 25, "bound on projected values held at once", cli=False)
+    fast: bool = opt(False, "made by the --fast preset", cli=False)
 
     @classmethod
     def fast_config(cls, **kw) -> "SinbadConfig":

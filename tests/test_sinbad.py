@@ -265,3 +265,19 @@ def test_shared_backbone_pass_gives_each_levels_own_scores(synthetic_root):
         np.testing.assert_array_equal(shared[lv]["test"], alone["test"])
         np.testing.assert_array_equal(shared[lv]["val"], alone["val"])
         assert shared[lv]["test"].shape == (1, 4, len(data.test)) and np.ptp(alone["test"]) > 0
+
+
+def test_fast_then_explicit_flags_even_when_equal_to_the_full_default():
+    """--fast --projections 1000 used to become 64: a flag equal to the full default was dropped."""
+    import sinbad
+    from methods.sinbad import SinbadConfig
+
+    full, fast = SinbadConfig(), SinbadConfig.fast_config()
+    cfg = sinbad.make_config(sinbad.parse_args(["--fast", "--projections", str(full.projections)]))
+    assert cfg.projections == full.projections != fast.projections
+    assert cfg.canvas == fast.canvas and cfg.pixel_reps == fast.pixel_reps  # the rest of the preset stays
+    cfg = sinbad.make_config(sinbad.parse_args(["--fast", "--pixel-reps", "100", "--crop-res", "224", "--seed", "3"]))
+    assert (cfg.pixel_reps, cfg.set_res, cfg.seed, cfg.canvas) == (100, 224, 3, fast.canvas)
+    assert sinbad.make_config(sinbad.parse_args([])) == SinbadConfig(seed=0)
+    help_text = " ".join(sinbad.build_parser().format_help().split())  # argparse wraps lines
+    assert "--projections" in help_text and "default 1000; --fast 64" in help_text
