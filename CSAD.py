@@ -2,6 +2,7 @@
 
     python CSAD.py                                   # all MVTec LOCO categories, official settings
     python CSAD.py --dataset synthetic_loco --fast --backbone efficientnet_lite0 --weights W --penalty-dir D
+    python CSAD.py --test-only --categories juice_bottle  # re-score with ckpt/best_juice_bottle.pth, no training
     python CSAD.py --benchmark-speed --weights random   # batch-1 latency at 256 px
 
 Writes {ckpt-dir}/best_{category}.pth, {score-dir}/{category}_LGST_{logi,struc,val}_score.npy and TIFF maps
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--select-on-test", action="store_true",
                    help="official behaviour: keep the iteration with the best test AUROC (default: final iteration)")
     g.add_argument("--eval-freq", type=int, default=None, help="test evaluation interval with --select-on-test (1000)")
+    g.add_argument("--test-only", action="store_true",
+                   help="no training: score with {ckpt-dir}/best_{category}.pth (checked against this run's "
+                        "settings) and write the same score files and maps")
+    g.add_argument("--checkpoint", default=None, help="test only, with this checkpoint file (one category)")
+    g.add_argument("--allow-unfinished", action="store_true",
+                   help="with --test-only: accept a checkpoint of an unfinished run (warns)")
     g.add_argument("--no-maps", action="store_true", help="do not write TIFF anomaly maps")
     g.add_argument("--workers", type=int, default=0, help="data-loader workers for the penalty images")
     g.add_argument("--benchmark-speed", action="store_true",
@@ -79,9 +86,16 @@ def make_config(args):
 @guard
 def main(argv=None) -> None:
     args = parse_args(argv)
+    test_only = args.test_only or args.checkpoint is not None
     if not args.benchmark_speed:  # before any work, not after 60000 iterations
-        ensure_output_dirs(args, "score_dir", "ckpt_dir")
+        # a test-only run reads --ckpt-dir (which may be read-only) and writes only scores
+        ensure_output_dirs(args, *(["score_dir"] if test_only else ["score_dir", "ckpt_dir"]))
         categories = resolve_categories(args, check=True)
+        if args.checkpoint is not None and len(categories) != 1:
+            from common.errors import UserError
+
+            raise UserError(f"--checkpoint {args.checkpoint} is one category's checkpoint, but {len(categories)} "
+                            f"categories are selected; pass --categories with one of them")
     set_threads()
     seed_everything(args.seed)
     import torch
@@ -93,7 +107,8 @@ def main(argv=None) -> None:
     device = pick_device(args.device)
     cfg = make_config(args)
     penalty = None
-    if not args.benchmark_speed and not args.no_penalty:  # a missing folder fails before the teacher loads
+    # a missing folder fails before the teacher loads (a test-only run needs none)
+    if not args.benchmark_speed and not args.no_penalty and not test_only:
         penalty = lgst.find_penalty_images(args.penalty_dir)
         log.info("penalty loss on %d images from %s", len(penalty), args.penalty_dir)
     backbone = load_backbone(args.backbone, args.weights)
@@ -106,7 +121,7 @@ def main(argv=None) -> None:
         if args.input_size is None:
             cfg.input_size = 256  # the paper's resolution, also with --fast
         model = lgst.build_model(backbone, cfg, args.seed)
-        res = lgst.benchmark_latency(model, device, cfg.input_size, args.speed_warmup, args.speed_runs)
+        res = lgst.benchmark_latency(model, device, cfg.input_size, warmup=args.speed_warmup, runs=args.speed_runs)
         log.info("LGST latency (%s, batch 1, %d px, %d threads): %.1f ms/img mean, %.1f ms median over %d runs",
                  args.backbone, cfg.input_size, res["threads"], res["ms_mean"], res["ms_median"], res["runs"])
         print(json.dumps(res))
@@ -118,8 +133,10 @@ def main(argv=None) -> None:
         log.info("%s/%s: %d train, %d validation, %d test images; %d iterations at %d px on %s", args.dataset,
                  category, len(data.train), len(data.validation), len(data.test), cfg.iterations, cfg.input_size,
                  device)
-        res = lgst.run_category(data, backbone, cfg, device, args.seed, args.score_dir, args.ckpt_dir, penalty,
-                                args.select_on_test, not args.no_maps, args.workers)
+        res = lgst.run_category(data, backbone, cfg, device, seed=args.seed, score_dir=args.score_dir,
+                                ckpt_dir=args.ckpt_dir, penalty=penalty, select_on_test=args.select_on_test,
+                                save_maps=not args.no_maps, workers=args.workers, test_only=test_only,
+                                checkpoint=args.checkpoint, allow_unfinished=args.allow_unfinished)
         log.info("%s: LGST image AUROC %s", category,
                  ", ".join(f"{k} {v:.1f}%" for k, v in res["auroc"].items()) or "n/a (no labels)")
         results.append(res)

@@ -338,6 +338,89 @@ def test_checkpoint_reload_reproduces_scores(fast_run, lite0_weights):
                                                            out / "scores"), rtol=1e-4)
 
 
+def _run_csad(args):
+    import CSAD
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMP_NUM_THREADS", "1")
+    try:
+        CSAD.main(args)
+    finally:
+        mp.undo()
+        torch.set_num_threads(1)
+
+
+def test_test_only_reproduces_score_files_and_maps_bit_for_bit(fast_run, lite0_weights, tmp_path):
+    import tifffile
+
+    out, root = fast_run
+    common = ["--dataset", "synthetic_loco", "--data-root", str(root), "--categories", "synth_box", "--fast",
+              "--backbone", LITE0, "--weights", str(lite0_weights), "--ckpt-dir", str(out / "ckpt")]
+    # no penalty folder needed and the checkpoint directory is only read
+    _run_csad(common + ["--test-only", "--penalty-dir", str(tmp_path / "none"), "--score-dir", str(tmp_path / "a")])
+    _run_csad(common + ["--checkpoint", str(out / "ckpt" / "best_synth_box.pth"), "--score-dir", str(tmp_path / "b")])
+    ref = sorted(p.relative_to(out / "scores") for p in (out / "scores").rglob("*") if p.suffix in (".npy", ".tiff"))
+    assert sum(p.suffix == ".npy" for p in ref) == 3 and sum(p.suffix == ".tiff" for p in ref) >= 8
+    for d in ("a", "b"):
+        got = sorted(p.relative_to(tmp_path / d) for p in (tmp_path / d).rglob("*") if p.suffix in (".npy", ".tiff"))
+        assert got == ref
+        for rel in ref:
+            read = np.load if rel.suffix == ".npy" else tifffile.imread
+            a, b = read(out / "scores" / rel), read(tmp_path / d / rel)
+            assert a.dtype == b.dtype and np.array_equal(a, b), rel
+
+
+def test_test_only_refuses_a_checkpoint_of_other_settings(fast_run, lite0_weights, tmp_path, capsys):
+    out, root = fast_run
+    with pytest.raises(SystemExit) as e:
+        _run_csad(["--dataset", "synthetic_loco", "--data-root", str(root), "--categories", "synth_box", "--fast",
+                   "--input-size", "64", "--backbone", LITE0, "--weights", str(lite0_weights), "--test-only",
+                   "--ckpt-dir", str(out / "ckpt"), "--score-dir", str(tmp_path / "s")])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "best_synth_box.pth was made by another run" in err and "input_size=128 (this run: 64)" in err
+    assert "Traceback" not in err and not (tmp_path / "s" / "synth_box_LGST_struc_score.npy").exists()
+
+
+def test_detector_round_trip_and_predict_py_in_a_fresh_process(fast_run, lite0_weights, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dataset_readers import read_category
+    from evaluation.predictions import read_scores_csv
+    from evaluation.score_files import load_scores
+    from methods.base import ImageList, load_model
+    from methods.csad.lgst import LGSTDetector
+
+    out, root = fast_run
+    path = out / "ckpt" / "best_synth_box.pth"
+    data = read_category("synthetic_loco", "synth_box", root)
+    ref = load_scores("synth_box", "LGST", "val", data.validation, out / "scores")
+    model, meta = load_model(path, weights=lite0_weights)
+    assert isinstance(model, LGSTDetector) and meta["method"] == "LGST" and meta["category"] == "synth_box"
+    pred = model.predict(ImageList(data.validation))  # the decoded PIL path, not the reader's stacks
+    assert pred.scores.dtype == np.float64 and np.array_equal(pred.scores.astype(np.float32), ref)
+    s = model.cfg.input_size
+    assert len(pred.maps) == len(ref) and pred.maps[0].shape == (s, s) and pred.maps[0].dtype == np.float32
+    np.testing.assert_array_equal(np.stack(pred.maps).reshape(len(ref), -1).max(1), pred.scores.astype(np.float32))
+    batch = model.preprocess([ImageList(data.validation)[0]])
+    st, ae = model.forward_networks(batch)
+    assert st.shape == ae.shape == (1, s // 4, s // 4)
+    # predict.py in a fresh process, on the validation folder
+    folder = Path(data.validation[0].path).parent
+    r = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(path), "--images", str(folder), "--out",
+                        str(tmp_path / "p"), "--weights", str(lite0_weights), "--device", "cpu", "--no-overlays"],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {Path(row["path"]).resolve(): float(row["score"]) for row in read_scores_csv(tmp_path / "p" / "scores.csv")}
+    got = np.array([rows[Path(smp.path).resolve()] for smp in data.validation])
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert len(list((tmp_path / "p" / "maps").rglob("*.tiff"))) == len(ref)
+
+
 # ------------------------------------------------------------------------------------------ fused path
 
 def test_fused_inference_runs_the_backbone_once_and_matches_separate_paths():

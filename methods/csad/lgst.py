@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from dataset_readers.base import IMAGE_SUFFIXES, DatasetError, Sample
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, load_stack
 from models.efficientad import AutoEncoder, LocalStudent
 from models.feature_extractor import FeatureExtractor
+from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, ImageList, Prediction, backbone_from_checkpoint,
+                          backbone_state_if_random)
 from methods.knn import NonFiniteError, require_finite, weights_cause
 
 METHOD = "LGST"
@@ -326,12 +328,13 @@ def teacher_features(model: LGSTModel, images: torch.Tensor, device, batch_size:
 
 
 @torch.no_grad()
-def predict(model: LGSTModel, images: torch.Tensor, device, batch_size: int = 16, upsample: bool = True,
-            raw: bool = False):
+def predict(model: LGSTModel, images: torch.Tensor, device, batch_size: int = 16, *, upsample: bool = True,
+            raw: bool = False, desc: str | None = None):
     """Batched inference over uint8 images. raw=True: (M_st, M_ae) at map size; else (maps, scores)."""
     model.eval()
     maps, scores, st, ae = [], [], [], []
-    for i in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for i in (tqdm(starts, desc=desc, leave=False) if desc else starts):
         x = to_input(images[i:i + batch_size].to(device))
         if raw:
             a, b = model.raw_maps(x)
@@ -366,7 +369,7 @@ def fit_quantiles(model: LGSTModel, val_images: torch.Tensor, device, batch_size
 
 
 def train(model: LGSTModel, train_images: torch.Tensor, val_images: torch.Tensor, device, seed: int = 0,
-          penalty: list[Sample] | None = None, workers: int = 0,
+          penalty: list[Sample] | None = None, *, workers: int = 0,
           evaluate: Callable[[LGSTModel], float] | None = None, batch_size_infer: int = 16) -> dict:
     """Train the students. Returns {"iteration", "selected": "final"|"test", "best_metric", "history"}.
 
@@ -464,7 +467,7 @@ def save(model: LGSTModel, path: str | Path, backbone: str, **extra) -> None:
 # ----------------------------------------------------------------------------------------------- speed
 
 @torch.no_grad()
-def benchmark_latency(model: LGSTModel, device, input_size: int, warmup: int = 5, runs: int = 20,
+def benchmark_latency(model: LGSTModel, device, input_size: int, *, warmup: int = 5, runs: int = 20,
                       forward: Callable | None = None) -> dict:
     """Batch-1 latency of the whole LGST inference (backbone, teacher, students, normalisation, upsampling,
     max) after warm-up, in ms per image."""
@@ -486,6 +489,113 @@ def benchmark_latency(model: LGSTModel, device, input_size: int, warmup: int = 5
             "input_size": input_size, "device": str(device), "threads": torch.get_num_threads()}
 
 
+# ----------------------------------------------------------------------------------------------- model object
+
+def as_stack(images: Sequence[Any] | torch.Tensor, size: int, desc: str = "images") -> torch.Tensor:
+    """uint8 (N, 3, size, size) of PIL images, reader samples / an ImageList (read in reader order through
+    `load_images`, as training always did), or an already loaded stack (returned as is)."""
+    if isinstance(images, torch.Tensor):
+        return images
+    if isinstance(images, ImageList):
+        return load_images([Sample(p, "image") for p in images.paths], size, desc=desc)
+    items = list(images)
+    if items and hasattr(items[0], "path"):
+        return load_images(items, size, desc=desc)
+    tf = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                    T.PILToTensor()])
+    return torch.stack([tf(im.convert("RGB")) for im in items])
+
+
+class LGSTDetector(AnomalyModel):
+    """LGST as a model object: `LGSTModel` (teacher, student, autoencoder, statistics) on one backbone.
+
+    Images: PIL images, reader samples, an ImageList, or uint8 stacks from `load_images` (the script loads
+    train, validation and test before training, in that order: each read draws a loader seed from the global
+    RNG, which the autoencoder's dropout then continues from). Maps: (input_size, input_size) per image, the
+    whole image resized without a crop."""
+
+    method = METHOD
+
+    def __init__(self, backbone: nn.Module, cfg: LGSTConfig, *, device: Any = "cpu", seed: int = 0,
+                 batch_size: int = 16, model: LGSTModel | None = None):
+        self.backbone = backbone
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.seed = seed
+        self.batch_size = batch_size  # inference batch (training uses cfg.batch_size)
+        self.model = model if model is not None else build_model(backbone, cfg, seed)
+        self.info: dict = {"iteration": None, "selected": None, "best_metric": None, "history": []}
+
+    def fit(self, train: Sequence[Any] | torch.Tensor, *, validation: Sequence[Any] | torch.Tensor,
+            penalty: list[Sample] | None = None, seed: int | None = None, workers: int = 0,
+            evaluate: Callable[[LGSTModel], float] | None = None) -> "LGSTDetector":
+        """Train the students on `train`, fit the map quantiles on `validation`. `penalty`: natural-image
+        samples (None: no penalty loss). `evaluate`: official test-set selection (see `train`)."""
+        seed = self.seed if seed is None else seed
+        s = self.cfg.input_size
+        train_x = as_stack(train, s, "train images")
+        val_x = as_stack(validation, s, "validation images")
+        self.info = train_students(self.model, train_x, val_x, self.device, seed, penalty, workers=workers,
+                          evaluate=evaluate, batch_size_infer=self.batch_size)
+        self.seed = seed
+        return self
+
+    def preprocess(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
+        """The network input of `images`: (B, 3, s, s) ImageNet-normalised float on the device."""
+        return to_input(as_stack(images, self.cfg.input_size).to(self.device))
+
+    @torch.no_grad()
+    def forward_networks(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone + teacher, student and autoencoder on a preprocessed batch: the raw (M_st, M_ae) maps."""
+        self.model.eval()
+        return self.model.raw_maps(batch.to(self.device))
+
+    def predict_stack(self, images: Sequence[Any] | torch.Tensor, desc: str | None = "predict"):
+        """(maps (N, s, s), scores (N,)) float32 tensors: the LGST score files' values."""
+        x = as_stack(images, self.cfg.input_size)
+        self.model.to(self.device)
+        return predict(self.model, x, self.device, self.batch_size, desc=desc)
+
+    def predict(self, images: Sequence[Any] | torch.Tensor, *, maps: bool = True) -> Prediction:
+        """Image scores (max of the map) and the LGST maps at the input size, batched with a progress bar."""
+        m, sc = self.predict_stack(images)
+        return Prediction(scores=sc.numpy().astype(np.float64),
+                          maps=[a.astype(np.float32) for a in m.numpy()] if maps else None)
+
+    def checkpoint(self) -> dict:
+        return self.model.checkpoint(getattr(self.backbone, "backbone_name", "unknown"),
+                                     iteration=self.info.get("iteration"), selected=self.info.get("selected"),
+                                     seed=self.seed, batch_size_infer=self.batch_size,
+                                     **backbone_state_if_random(self.backbone))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping, *, device: Any = "cpu", weights: Any = None,
+                        backbone: nn.Module | None = None) -> "LGSTDetector":
+        """The fitted detector. `backbone`: the already built backbone the checkpoint was made with (checked by
+        name and sha256), else rebuilt by methods.base.backbone_from_checkpoint (`weights` or the default)."""
+        from common.errors import CheckpointError
+
+        missing = [k for k in ("student", "autoencoder", "teacher_proj", "config") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"not an LGST checkpoint (no {', '.join(missing)}); re-create it with CSAD.py")
+        meta = ckpt.get(META_KEY) or {}
+        if backbone is None or BACKBONE_STATE_KEY in ckpt:  # random weights: the checkpoint's own backbone
+            backbone = backbone_from_checkpoint(ckpt, weights=weights)
+        else:
+            name, sha = meta.get("backbone"), meta.get("weights_sha256")
+            have = getattr(backbone, "backbone_name", None), getattr(backbone, "weights_sha256", None)
+            if (name and have[0] and name != have[0]) or (sha and have[1] and sha != have[1]):
+                raise CheckpointError(f"the checkpoint was made with {name} weights sha256 {str(sha)[:12]}…, the "
+                                      f"given backbone is {have[0]} {str(have[1])[:12]}…; pass the original "
+                                      f"file with --weights")
+        net = LGSTModel.from_checkpoint(dict(ckpt), FeatureExtractor(backbone, TEACHER_LAYERS))
+        det = cls(backbone, net.cfg, device=device, seed=int(ckpt.get("seed") or 0),
+                  batch_size=int(ckpt.get("batch_size_infer") or 16), model=net.to(device).eval())
+        det.info = {"iteration": ckpt.get("iteration"), "selected": ckpt.get("selected"), "best_metric": None,
+                    "history": []}
+        return det
+
+
 # ----------------------------------------------------------------------------------------------- one category
 
 def group_aurocs(scores: np.ndarray, data) -> dict[str, float]:
@@ -500,51 +610,87 @@ def checkpoint_path(ckpt_dir: str | Path, category: str) -> Path:
     return Path(ckpt_dir) / f"best_{category.replace('/', '__')}.pth"
 
 
-def run_category(data, backbone: nn.Module, cfg: LGSTConfig, device, seed: int = 0,
-                 score_dir: str | Path = "anomaly_score", ckpt_dir: str | Path = "ckpt",
-                 penalty: list[Sample] | None = None, select_on_test: bool = False, save_maps: bool = True,
-                 workers: int = 0, batch_size_infer: int = 16) -> dict:
-    """Train LGST on one category, write best_{category}.pth, the LGST score files and the TIFF maps."""
-    from common import seed_everything
-    from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
+def record(data, backbone: nn.Module, cfg: LGSTConfig, seed: int, finished: bool = True) -> dict:
+    """The checkpoint record of one category's run (common.checkpoints.checkpoint_meta)."""
+    return checkpoint_meta(method=METHOD, dataset=data.dataset, category=data.category, model=backbone,
+                           config=asdict(cfg), train_samples=data.train, finished=finished, seed=seed)
 
-    seed_everything(seed)
-    model = build_model(backbone, cfg, seed)
+
+def split_validation(data, seed: int) -> tuple[list, list]:
+    """(train, validation) samples. MVTec AD-style data has no validation split: EfficientAD holds out 10 % of
+    train for the map quantiles."""
     train_samples, val_samples = list(data.train), list(data.validation)
-    if not val_samples:  # MVTec AD-style data: EfficientAD holds out 10 % of train for the map quantiles
+    if not val_samples:
         perm = torch.randperm(len(train_samples), generator=torch.Generator().manual_seed(seed)).tolist()
         n_val = max(1, len(train_samples) // 10)
         val_samples = [train_samples[i] for i in sorted(perm[:n_val])]
         train_samples = [train_samples[i] for i in sorted(perm[n_val:])]
         log.info("%s: no validation split, %d training images held out for the map quantiles", data.category, n_val)
+    return train_samples, val_samples
+
+
+def run_category(data, backbone: nn.Module, cfg: LGSTConfig, device, *, seed: int = 0,
+                 score_dir: str | Path = "anomaly_score", ckpt_dir: str | Path = "ckpt",
+                 penalty: list[Sample] | None = None, select_on_test: bool = False, save_maps: bool = True,
+                 workers: int = 0, batch_size_infer: int = 16, test_only: bool = False,
+                 checkpoint: str | Path | None = None, allow_unfinished: bool = False) -> dict:
+    """Train LGST on one category, write best_{category}.pth, the LGST score files and the TIFF maps.
+    test_only: score with the saved checkpoint (`checkpoint`, default best_{category}.pth in `ckpt_dir`),
+    checked against this run's record, and write the same score files and maps bit for bit."""
+    from common import seed_everything
+    from common.checkpoints import load_checked
+    from common.memory import stage
+    from evaluation.score_files import save_anomaly_maps, save_group_scores, scores_for_samples
+
+    ckpt_path = Path(checkpoint) if checkpoint else checkpoint_path(ckpt_dir, data.category)
     s = cfg.input_size
-    train_images = load_images(train_samples, s, desc="train images")
-    val_images = load_images(val_samples, s, desc="validation images")
-    test_images = load_images(data.test, s, desc="test images")
+    if test_only:
+        fix = f"train it: python CSAD.py --dataset {data.dataset} --categories {data.category} (same settings)"
+        with stage("load", category=data.category):
+            ckpt, _ = load_checked(ckpt_path, record(data, backbone, cfg, seed), fix=fix,
+                                   allow_unfinished=allow_unfinished, logger=log)
+            det = LGSTDetector.from_checkpoint(ckpt, device=device, backbone=backbone)
+            det.batch_size = batch_size_infer
+        with stage("read", category=data.category):
+            test_images = load_images(data.test, s, desc="test images")
+            val_images = load_images(data.validation, s, desc="validation images") if data.validation else None
+        log.info("%s: test only, %s (iteration %s)", data.category, ckpt_path, det.info["iteration"])
+    else:
+        seed_everything(seed)
+        det = LGSTDetector(backbone, cfg, device=device, seed=seed, batch_size=batch_size_infer)
+        train_samples, val_samples = split_validation(data, seed)
+        with stage("read", category=data.category):  # this order: see LGSTDetector
+            train_images = load_images(train_samples, s, desc="train images")
+            val_images = load_images(val_samples, s, desc="validation images")
+            test_images = load_images(data.test, s, desc="test images")
 
-    evaluate = None
-    if select_on_test:  # official behaviour: model selection on the test AUROC
-        def evaluate(m: LGSTModel) -> float:
-            return float(np.mean(list(group_aurocs(predict(m, test_images, device, batch_size_infer)[1].numpy(),
-                                                   data).values())))
-    info = train(model, train_images, val_images, device, seed, penalty, workers, evaluate, batch_size_infer)
-    ckpt = checkpoint_path(ckpt_dir, data.category)
-    # written once, after training: a killed run leaves no checkpoint
-    meta = checkpoint_meta(method=METHOD, dataset=data.dataset, category=data.category, model=backbone,
-                           config=asdict(cfg), train_samples=data.train, finished=True, seed=seed)
-    save(model, ckpt, getattr(backbone, "backbone_name", "unknown"), iteration=info["iteration"],
-         selected=info["selected"], seed=seed, category=data.category, **{META_KEY: meta})
-    log.info("%s: checkpoint written to %s", data.category, ckpt)
+        evaluate = None
+        if select_on_test:  # official behaviour: model selection on the test AUROC
+            def evaluate(m: LGSTModel) -> float:
+                return float(np.mean(list(group_aurocs(predict(m, test_images, device, batch_size_infer)[1].numpy(),
+                                                       data).values())))
+        with stage("fit", category=data.category):
+            det.fit(train_images, validation=val_images, penalty=penalty, seed=seed, workers=workers,
+                    evaluate=evaluate)
+        with stage("save", category=data.category):  # written once, after training: a killed run leaves none
+            det.save(ckpt_path, record(data, backbone, cfg, seed))
+        log.info("%s: checkpoint written to %s", data.category, ckpt_path)
 
-    maps, scores = predict(model, test_images, device, batch_size_infer)
-    groups = scores_for_samples(scores.numpy(), data.test, data)
-    if data.validation:
-        groups["val"] = predict(model, val_images, device, batch_size_infer)[1].numpy()
-    paths = save_group_scores(data, METHOD, groups, score_dir)
-    log.info("%s: score files %s", data.category, ", ".join(p.name for p in paths))
-    if save_maps:
-        save_anomaly_maps(METHOD, data.category, data.test, maps.numpy(), score_dir)
-        log.info("%s: %d anomaly maps under %s/anomaly_maps/%s/%s", data.category, len(data.test), score_dir, METHOD,
-                 data.category)
+    with stage("predict", category=data.category):
+        maps, scores = det.predict_stack(test_images, desc="test")
+        groups = scores_for_samples(scores.numpy(), data.test, data)
+        if data.validation:
+            groups["val"] = det.predict_stack(val_images, desc="validation")[1].numpy()
+    with stage("write", category=data.category):
+        paths = save_group_scores(data, METHOD, groups, score_dir)
+        log.info("%s: score files %s", data.category, ", ".join(p.name for p in paths))
+        if save_maps:
+            save_anomaly_maps(METHOD, data.category, data.test, maps.numpy(), score_dir)
+            log.info("%s: %d anomaly maps under %s/anomaly_maps/%s/%s", data.category, len(data.test), score_dir,
+                     METHOD, data.category)
     aurocs = group_aurocs(scores.numpy(), data)
-    return {"category": data.category, "auroc": aurocs, "checkpoint": str(ckpt), **info}
+    return {"category": data.category, "auroc": aurocs, "checkpoint": str(ckpt_path), "test_only": test_only,
+            **det.info}
+
+
+train_students = train  # LGSTDetector.fit's parameter `train` shadows the function of that name
