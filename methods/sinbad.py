@@ -1,19 +1,28 @@
 """SINBAD, "Set Features for Fine-grained Anomaly Detection": set descriptors per pyramid level and the ensemble.
 
-One *unit* = one (category, level, crop count). A unit cuts every image's zero-padded canvas into crops, turns each
-crop into a set of element vectors (backbone cells or raw pixels), summarises the set by the empirical CDF of random
+One *unit* = one (level, crop count). A unit cuts every image's zero-padded canvas into crops, turns each crop into
+a set of element vectors (backbone cells or raw pixels), summarises the set by the empirical CDF of random
 projections at fixed thresholds, and scores every crop position with its own shrunk-covariance transform + exact
-1-NN to the training descriptors. `ensemble` combines the unit files as calc_anom_ensm.py does.
+1-NN to the training descriptors. `SinbadModel` fits every unit of a configuration and their ensemble
+(`calc_anom_ensm.py`: validation-normalised levels, plus lambda x the pixel level):
+
+    model = SinbadModel(backbone, SinbadConfig(), device=device)
+    model.fit(ImageList(data.train), validation=ImageList(data.validation))   # the ensemble normalises by val
+    pred = model.predict(ImageList(data.test))      # scores = the ensemble; extra = sinbad_L7 / _L14 / _L224
+    model.save(path, meta)                          # the fitted state of every unit (see SinbadModel.checkpoint)
+
+`ensemble` combines unit files written by separate processes (sinbad.py --units-only / --ensemble-only).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,11 +30,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.config import opt
-from common.errors import UserError
+from common.errors import CheckpointError, UserError
 from common.io import atomic_path
 from dataset_readers.base import CategoryData, Sample
-from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, make_loader
+from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD
 from evaluation.score_files import safe_category, sample_key
+from methods.base import AnomalyModel, Prediction, backbone_state_if_random, reduced_precision
 from methods.knn import knn, require_finite, weights_cause
 
 DEEP_LAYERS = {7: "layer4", 14: "layer3", 28: "layer2", 56: "layer1"}  # level = cells per side at 224 px
@@ -33,12 +43,19 @@ PIXEL_LEVEL = 224
 LEVELS = (7, 14, PIXEL_LEVEL)  # the paper's ensemble
 CROP_RATIOS = {16: 0.25, 9: 0.5, 4: 0.7, 1: 0.99}  # crops per canvas -> crop side / canvas side
 PIXEL_CROP_RATIO = 0.999  # forced for the pixel level (one crop)
-UNIT_VERSION = 1
+UNIT_VERSION = 2  # 2: unit files carry the fit_id of their unit's checkpoint state
+CKPT_FORMAT = 1
 
 
 @dataclass
 class SinbadConfig:
-    """Defaults = the paper grid of the official launchers (`NivC/SINBAD`)."""
+    """Defaults = the paper grid of the official launchers (`NivC/SINBAD` create_batch_array_sinbad*.py)."""
+    levels: tuple[int, ...] = opt(LEVELS, "pyramid levels (7: layer4, 14: layer3, 224: pixels; 28/56: layer2/1)",
+                                  flag="--levels", aliases=("--level",), choices=sorted([*DEEP_LAYERS, PIXEL_LEVEL]),
+                                  metavar="LEVEL")
+    crops: tuple[int, ...] = opt(tuple(CROP_RATIOS), "crops per canvas for the deep levels (16, 9, 4, 1 = crop "
+                                 "ratios 0.25, 0.5, 0.7, 0.99; level 224 always one 0.999 crop)",
+                                 choices=tuple(CROP_RATIOS), metavar="N")
     canvas: int = opt(1024, "canvas side (official initial_res)")
     crop_num_edge: int = opt(4, "crop grid stride = canvas // this", cli=False)
     set_res: int = opt(224, "side every crop is resized to before the backbone", flag="--crop-res")
@@ -51,17 +68,20 @@ class SinbadConfig:
     batch_size: int = opt(32, "images per batch; the first fits the thresholds")
     pixel_reps: int = opt(100, "pixel-level repeats (median in the ensemble)")
     lambda_pixel: float = opt(0.1, "weight of the pixel level in the ensemble")
-    reg_eps: float = opt(1e-5, "covariance regulariser", cli=False)
+    reg_eps: float = opt(1e-5, "epsilon of the validation normalisation (calc_anom_ensm.py reg_eps)", cli=False)
     official_thresholds: bool = opt(False, "official: re-fit thresholds on the first batch of every split, test "
                                     "included (transductive)", cli=False)
     whiten: str = opt("inv", "inv: x Sigma^-1 as the official code; inv_sqrt: Mahalanobis", choices=("inv", "inv_sqrt"))
     seed: int = opt(0, "projection seed (the script's --seed)", cli=False)
     mem_elems: int = opt(2 ** 25, "bound on projected values held at once", cli=False)
+    dtype: str = opt("fp32", "backbone precision at inference (fp32 = exact; bf16/fp16 autocast)",
+                     choices=("fp32", "bf16", "fp16"))
     fast: bool = opt(False, "made by the --fast preset", cli=False)
 
     @classmethod
     def fast_config(cls, **kw) -> "SinbadConfig":
-        """Same pipeline, small canvas/crops and fewer projections/repeats (tests, demo)."""
+        """Same pipeline, small canvas/crops and fewer projections/repeats (tests, demo). The --fast preset
+        (common.config takes `fast_config` since a field is named `fast`)."""
         base = dict(canvas=256, set_res=112, projections=64, pixel_reps=5, fast=True)
         base.update(kw)
         return cls(**base)
@@ -81,6 +101,21 @@ def crop_counts(level: int, crops: Sequence[int] | None = None) -> list[int]:
     if level == PIXEL_LEVEL:
         return [1]
     return [int(c) for c in (crops or CROP_RATIOS)]
+
+
+def units_for(cfg: SinbadConfig) -> list[tuple[int, int]]:
+    """The (level, crop count) units of a configuration, in --levels then --crops order."""
+    return list(dict.fromkeys((int(lv), c) for lv in cfg.levels for c in crop_counts(lv, cfg.crops)))
+
+
+def unit_groups(units: Sequence[tuple[int, int]], shared: bool = True) -> list[tuple[list[int], int]]:
+    """(levels, crop count) that run together: the deep levels of one crop count share their crops and backbone
+    pass; the pixel level and, without `shared`, every unit run alone."""
+    groups: dict[tuple, list[int]] = {}
+    for lv, n_crops in units:
+        key = ("deep", n_crops) if shared and lv != PIXEL_LEVEL else (lv, n_crops)
+        groups.setdefault(key, []).append(lv)
+    return [(levels, key[1]) for key, levels in groups.items()]
 
 
 # ----------------------------------------------------------------------------------------------- preprocessing
@@ -159,7 +194,7 @@ def fit_thresholds(z: torch.Tensor, n_q: int, pct: tuple[float, float]) -> torch
     return lo[:, None] + (hi - lo)[:, None] * steps[None]
 
 
-def set_descriptor(elements: torch.Tensor, proj: torch.Tensor, thresholds: torch.Tensor | None, n_q: int,
+def set_descriptor(elements: torch.Tensor, proj: torch.Tensor, thresholds: torch.Tensor | None, n_q: int, *,
                    pct: tuple[float, float] = (1.0, 99.0), mem_elems: int = 2 ** 25
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """elements (B, N, C), proj (C, P) -> descriptors (B, P*Q) projection-major, thresholds (P, Q).
@@ -184,7 +219,9 @@ def set_descriptor(elements: torch.Tensor, proj: torch.Tensor, thresholds: torch
 
 def projection_matrix(dim: int, n_proj: int, seed: int, level: int, n_crops: int, position: int, rep: int
                       ) -> torch.Tensor:
-    """Unnormalised Gaussian directions (dim, n_proj), seeded per (level, crop count, position, repeat)."""
+    """Unnormalised Gaussian directions (dim, n_proj), seeded per (level, crop count, position, repeat) from a CPU
+    generator, so a checkpoint regenerates them instead of storing them. Positional signature kept for
+    benchmarks/speed.py."""
     state = np.random.SeedSequence([seed, level, n_crops, position, rep]).generate_state(1)[0]
     g = torch.Generator().manual_seed(int(state))
     return torch.randn(dim, n_proj, generator=g)
@@ -224,35 +261,85 @@ def nn_scores(train: torch.Tensor, queries: Sequence[torch.Tensor], alpha: float
     return [knn(w(q), bank, k=1, squared=True)[0][:, 0] for q in queries]
 
 
-# ---------------------------------------------------------------------------------------------------- one unit
+# ---------------------------------------------------------------------------------------------------- encoding
+class _Canvases(torch.utils.data.Dataset):
+    """Images (PIL images, reader Samples or paths) -> canvases; files are decoded lazily by the project's reader
+    (one-line errors naming the file)."""
+
+    def __init__(self, images: Sequence[Any], canvas: int):
+        self.images, self.transform = images, CanvasTransform(canvas)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.images[i]
+        if not isinstance(item, Image.Image):
+            from dataset_readers.base import load_image
+
+            item = load_image(getattr(item, "path", item))
+        elif item.mode != "RGB":
+            item = item.convert("RGB")
+        return self.transform(item)
+
+
+def canvas_loader(images: Sequence[Any], cfg: SinbadConfig) -> torch.utils.data.DataLoader:
+    """Canvases in batches of cfg.batch_size, in order (the first batch is the threshold-fitting batch)."""
+    return torch.utils.data.DataLoader(_Canvases(images, cfg.canvas), batch_size=cfg.batch_size, shuffle=False,
+                                       num_workers=0, pin_memory=torch.cuda.is_available())
+
+
+def descriptor_width(level: int, cfg: SinbadConfig) -> int:
+    return cfg.reps(level) * cfg.n_projections(level) * cfg.quantiles
+
+
+def encode_units(images: Sequence[Any], groups: Sequence[tuple[Sequence[int], int]], cfg: SinbadConfig, extractor,
+                 device: torch.device, *, projections: Mapping[tuple[int, int], list[torch.Tensor]],
+                 thresholds: Mapping[tuple[int, int], list[torch.Tensor | None]], desc: str = "",
+                 sizes: dict | None = None) -> dict[tuple[int, int], torch.Tensor]:
+    """One pass over the images -> {(level, crops): descriptors (N_img, K, R*P*Q) on the CPU}. Each image is read
+    once and each crop of a group goes through the backbone once. `thresholds[unit][k]` that are None are fitted
+    on the first batch (updated in place); `sizes` receives each unit's elements per set."""
+    from tqdm import tqdm
+
+    for levels, n_crops in groups:
+        for lv in levels:
+            unit_crops(lv, n_crops, cfg)  # checks the crop count before any image is read
+    out: dict[tuple[int, int], list[torch.Tensor]] = {(lv, c): [] for levels, c in groups for lv in levels}
+    for canvases in tqdm(canvas_loader(images, cfg), desc=desc, leave=False, disable=None):
+        canvases = canvases.to(device)
+        for levels, n_crops in groups:
+            got: dict[int, int] = {}
+            d = describe_levels(canvases, levels, n_crops, cfg, extractor,
+                                projections={lv: projections[(lv, n_crops)] for lv in levels},
+                                thresholds={lv: thresholds[(lv, n_crops)] for lv in levels}, sizes=got)
+            for lv in levels:
+                out[(lv, n_crops)].append(d[lv])
+                if sizes is not None:
+                    sizes[(lv, n_crops)] = got[lv]
+    return {u: torch.cat(v) if v else torch.zeros(0, u[1], descriptor_width(u[0], cfg)) for u, v in out.items()}
+
+
 def encode(samples: Sequence[Sample], level: int, n_crops: int, cfg: SinbadConfig, extractor, device: torch.device,
            projections: list[torch.Tensor], thresholds: list[torch.Tensor | None] | None = None, desc: str = ""
            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Stream images -> descriptors (N_img, K, R*P*Q) and the per-position thresholds (fitted on the first batch
-    where `thresholds` is None)."""
-    descs, thrs = encode_levels(samples, [level], n_crops, cfg, extractor, device, {level: projections},
-                                None if thresholds is None else {level: thresholds}, desc)
+    where `thresholds` is None). Positional signature kept for benchmarks/speed.py."""
+    descs, thrs = encode_levels(samples, [level], n_crops, cfg, extractor, device=device,
+                                projections={level: projections},
+                                thresholds=None if thresholds is None else {level: thresholds}, desc=desc)
     return descs[level], thrs[level]
 
 
-def encode_levels(samples: Sequence[Sample], levels: Sequence[int], n_crops: int, cfg: SinbadConfig, extractor,
+def encode_levels(samples: Sequence[Any], levels: Sequence[int], n_crops: int, cfg: SinbadConfig, extractor, *,
                   device: torch.device, projections: dict[int, list[torch.Tensor]],
                   thresholds: dict[int, list[torch.Tensor | None]] | None = None, desc: str = ""
                   ) -> tuple[dict[int, torch.Tensor], dict[int, list[torch.Tensor]]]:
-    """`encode` for several levels that share a crop grid (the deep levels with one crop count): each image is
-    read once and each crop goes through the backbone once, the extractor returning every level's layer."""
-    from tqdm import tqdm
-
-    for lv in levels:
-        unit_crops(lv, n_crops, cfg)  # checks the crop count before any image is read
-    thresholds = {lv: list(thresholds[lv]) if thresholds is not None else [None] * n_crops for lv in levels}
-    loader = make_loader(samples, CanvasTransform(cfg.canvas), batch_size=cfg.batch_size)
-    out: dict[int, list[torch.Tensor]] = {lv: [] for lv in levels}
-    for canvases, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        d = describe_levels(canvases.to(device), levels, n_crops, cfg, extractor, projections, thresholds)
-        for lv in levels:
-            out[lv].append(d[lv])
-    return {lv: torch.cat(v) for lv, v in out.items()}, thresholds
+    """`encode` for several levels that share a crop grid (the deep levels with one crop count)."""
+    thr = {(lv, n_crops): list(thresholds[lv]) if thresholds is not None else [None] * n_crops for lv in levels}
+    descs = encode_units(samples, [(list(levels), n_crops)], cfg, extractor, device,
+                         projections={(lv, n_crops): projections[lv] for lv in levels}, thresholds=thr, desc=desc)
+    return {lv: descs[(lv, n_crops)] for lv in levels}, {lv: thr[(lv, n_crops)] for lv in levels}
 
 
 def unit_crops(level: int, n_crops: int, cfg: SinbadConfig) -> tuple[int, list[tuple[int, int]]]:
@@ -267,14 +354,17 @@ def unit_crops(level: int, n_crops: int, cfg: SinbadConfig) -> tuple[int, list[t
 def describe_canvases(canvases: torch.Tensor, level: int, n_crops: int, cfg: SinbadConfig, extractor,
                       projections: list[torch.Tensor], thresholds: list[torch.Tensor | None]) -> torch.Tensor:
     """Canvases (B, 3, canvas, canvas) on the device -> descriptors (B, K, R*P*Q) on the CPU. `thresholds` is
-    updated in place where an entry is None (fitted on this batch). Also the benchmark's inference path."""
-    return describe_levels(canvases, [level], n_crops, cfg, extractor, {level: projections}, {level: thresholds})[level]
+    updated in place where an entry is None (fitted on this batch). Positional signature kept for
+    benchmarks/speed.py."""
+    return describe_levels(canvases, [level], n_crops, cfg, extractor, projections={level: projections},
+                           thresholds={level: thresholds})[level]
 
 
-def describe_levels(canvases: torch.Tensor, levels: Sequence[int], n_crops: int, cfg: SinbadConfig, extractor,
-                    projections: dict[int, list[torch.Tensor]], thresholds: dict[int, list[torch.Tensor | None]]
-                    ) -> dict[int, torch.Tensor]:
-    """describe_canvases for levels with one crop grid; one backbone pass per crop serves all deep levels."""
+def describe_levels(canvases: torch.Tensor, levels: Sequence[int], n_crops: int, cfg: SinbadConfig, extractor, *,
+                    projections: dict[int, list[torch.Tensor]], thresholds: dict[int, list[torch.Tensor | None]],
+                    sizes: dict | None = None) -> dict[int, torch.Tensor]:
+    """describe_canvases for levels with one crop grid; one backbone pass per crop serves all deep levels. The
+    backbone runs under cfg.dtype (fp32: exact); the set elements are float32 whatever the precision."""
     grids = {(side, tuple(corners)) for side, corners in (unit_crops(lv, n_crops, cfg) for lv in levels)}
     if len(grids) != 1:
         raise ValueError(f"levels {list(levels)} with {n_crops} crops do not share a crop grid")
@@ -283,14 +373,19 @@ def describe_levels(canvases: torch.Tensor, levels: Sequence[int], n_crops: int,
     deep = any(lv != PIXEL_LEVEL for lv in levels)
     for k, (y, x) in enumerate(corners):
         sets = crops_to_sets(canvases, y, x, side, cfg.set_res)
-        feats = extractor(sets) if deep else {}
+        feats = {}
+        if deep:
+            with reduced_precision(cfg.dtype, canvases.device):
+                feats = extractor(sets)
         for name, v in feats.items():  # one check per crop batch; NaN would silently become finite set counts
             require_finite(v, f"SINBAD {name} features", weights_cause(extractor.backbone))
         for lv in levels:
             f = sets if lv == PIXEL_LEVEL else feats[DEEP_LAYERS[lv]]
             elements = f.flatten(2).transpose(1, 2).float()  # (B, N, C), a set per crop
+            if sizes is not None:
+                sizes[lv] = int(elements.shape[1])
             d, thresholds[lv][k] = set_descriptor(elements, projections[lv][k], thresholds[lv][k], cfg.quantiles,
-                                                  cfg.percentiles, cfg.mem_elems)
+                                                  pct=cfg.percentiles, mem_elems=cfg.mem_elems)
             per_pos[lv].append(d.cpu())
     return {lv: torch.stack(v, 1) for lv, v in per_pos.items()}
 
@@ -299,69 +394,427 @@ def element_dim(level: int, extractor) -> int:
     return 3 if level == PIXEL_LEVEL else extractor.feature_dims[DEEP_LAYERS[level]]
 
 
-def run_unit(data: CategoryData, level: int, n_crops: int, cfg: SinbadConfig, extractor, device: torch.device,
+def unit_projections(level: int, n_crops: int, cfg: SinbadConfig, dim: int) -> list[torch.Tensor]:
+    """The K per-position projection matrices (dim, R*P) of a unit, on the CPU (repeats side by side)."""
+    return [torch.cat([projection_matrix(dim, cfg.n_projections(level), cfg.seed, level, n_crops, k, r)
+                       for r in range(cfg.reps(level))], 1) for k in range(n_crops)]
+
+
+_POWER = {"inv": -1.0, "inv_sqrt": -0.5}
+
+
+def _sha(*arrays: Any) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().contiguous().numpy()
+        h.update(np.ascontiguousarray(a).tobytes() if isinstance(a, np.ndarray) else str(a).encode())
+    return h.hexdigest()
+
+
+def _count_dtype(n: int) -> torch.dtype:
+    return torch.uint8 if n <= 255 else torch.int16 if n <= 32767 else torch.int32
+
+
+# ------------------------------------------------------------------------------------------------- the model
+@dataclass
+class _Unit:
+    """The fitted state of one (level, crop count). Saved: the training descriptors as element counts (exact:
+    a descriptor is count / n_elements), the thresholds, the validation normalisation and digests. Rebuilt on
+    load: the seeded projections (checked against `projection_sha`) and the per-position shrunk-covariance
+    transforms + whitened training banks (the same SVD of the same descriptors; `whitening_sha` tells whether
+    they came out bit-identical)."""
+    level: int
+    crops: int
+    n_elements: int
+    counts: torch.Tensor  # (N_train, K, R*P*Q) integer
+    thresholds: list  # K tensors (R*P, Q) float32
+    projection_sha: str
+    norm: np.ndarray | None = None  # (1,) for a deep unit, (R, 1) for the pixel level: validation mean + eps
+    whitening_sha: str = ""
+    fit_device: str = "cpu"
+    fit_id: str = ""
+    projections: list = field(default_factory=list, repr=False)
+    models: list = field(default_factory=list, repr=False)  # (ShrunkWhitener, bank) per (repeat, position)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.level, self.crops
+
+    def train_descriptors(self) -> torch.Tensor:
+        return self.counts.to(torch.float32).div_(self.n_elements)
+
+    def identity(self) -> str:
+        """Digest of the saved state: a unit file and a unit checkpoint of one fit carry the same one."""
+        return _sha(self.level, self.crops, self.n_elements, self.counts, *self.thresholds, self.norm,
+                    self.projection_sha)
+
+    def state(self) -> dict:
+        return {"level": self.level, "crops": self.crops, "n_elements": self.n_elements, "counts": self.counts,
+                "thresholds": torch.stack([t.detach().cpu() for t in self.thresholds]),
+                "norm": torch.from_numpy(np.asarray(self.norm, np.float64)), "projection_sha": self.projection_sha,
+                "whitening_sha": self.whitening_sha, "fit_device": self.fit_device, "fit_id": self.fit_id}
+
+
+class SinbadModel(AnomalyModel):
+    """Every unit of a SinbadConfig (levels x crop counts) and their ensemble; image-level only (maps None).
+
+    fit(train, validation=...): thresholds on the first training batch, per-position shrunk-covariance models of
+    the training descriptors, then the validation scores that normalise each unit in the ensemble
+    (`calc_anom_ensm.py`). predict(images): Prediction(scores = the ensemble "sinbad", extra = sinbad_L<level>).
+    With cfg.official_thresholds the thresholds are re-fitted on the first batch of every predict call, as the
+    official code does for every split.
+    """
+
+    method = "sinbad"
+
+    def __init__(self, backbone=None, cfg: SinbadConfig | None = None, *, device: Any = "cpu", extractor=None):
+        from models.feature_extractor import FeatureExtractor
+
+        self.cfg = cfg if cfg is not None else SinbadConfig()
+        self.device = torch.device(device)
+        self.unit_keys = units_for(self.cfg)
+        if not self.unit_keys:
+            raise UserError("SINBAD needs at least one level; pass --levels")
+        deep = sorted({lv for lv, _ in self.unit_keys if lv != PIXEL_LEVEL})
+        if deep:
+            if extractor is None:
+                if backbone is None:
+                    raise ValueError(f"SINBAD levels {deep} need a backbone")
+                extractor = FeatureExtractor(backbone, [DEEP_LAYERS[lv] for lv in deep])
+            missing = [lv for lv in deep if DEEP_LAYERS[lv] not in extractor.layers]
+            if missing:
+                raise ValueError(f"the extractor lacks the layers of levels {missing}")
+            extractor = extractor.to(self.device)
+        self.extractor = extractor if deep else None
+        self.backbone = extractor.backbone if deep else None
+        self.units: dict[tuple[int, int], _Unit] = {}
+        self.validation_units: dict[tuple[int, int], np.ndarray] | None = None  # raw validation scores of fit
+
+    # -- fitting ---------------------------------------------------------------------------------------------
+    def _projections(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], str]:
+        mats = unit_projections(key[0], key[1], self.cfg, element_dim(key[0], self.extractor))
+        return [m.to(self.device) for m in mats], _sha(*mats)
+
+    def _build_models(self, unit: _Unit, train_d: torch.Tensor) -> str:
+        """Per (repeat, position): ShrunkWhitener + whitened bank of the training descriptors (nn_scores' model);
+        returns the digest of the banks."""
+        cfg, lv = self.cfg, unit.level
+        dd = cfg.n_projections(lv) * cfg.quantiles
+        unit.models, h = [], hashlib.sha256()
+        for r in range(cfg.reps(lv)):
+            cols = slice(r * dd, (r + 1) * dd)
+            for k in range(unit.crops):
+                x = train_d[:, k, cols].to(self.device)
+                w = ShrunkWhitener(x, cfg.alpha(lv), _POWER[cfg.whiten])
+                bank = w(x)
+                require_finite(bank, f"SINBAD L{lv} c{unit.crops} whitened training descriptors",
+                               "the training descriptors are not finite; check the images and --weights")
+                h.update(bank.cpu().numpy().tobytes())
+                unit.models.append((w, bank))
+        return h.hexdigest()
+
+    def fit(self, train: Sequence[Any], validation: Sequence[Any] | None = None, **kwargs) -> "SinbadModel":
+        """Fit every unit on `train`; `validation` (normal images) gives the ensemble's normalisation."""
+        if validation is None or len(validation) == 0:
+            raise UserError("SINBAD normalises each level by its mean validation score: fit needs validation "
+                            "images (sinbad.py holds out training images where a dataset has no validation split)")
+        if len(train) < 2:
+            raise UserError(f"SINBAD needs at least 2 training images, got {len(train)}")
+        cfg, keys = self.cfg, self.unit_keys
+        proj, proj_sha = {}, {}
+        for key in keys:
+            proj[key], proj_sha[key] = self._projections(key)
+        thresholds: dict = {key: [None] * key[1] for key in keys}
+        sizes: dict = {}
+        train_d = encode_units(train, unit_groups(keys), cfg, self.extractor, self.device, projections=proj,
+                               thresholds=thresholds, desc="SINBAD train", sizes=sizes)
+        self.units = {}
+        for key in keys:
+            n = sizes[key]
+            counts = torch.round(train_d[key] * n).to(_count_dtype(n))
+            unit = _Unit(key[0], key[1], n, counts, thresholds[key], proj_sha[key], fit_device=self.device.type,
+                         projections=proj[key])
+            if not torch.equal(unit.train_descriptors(), train_d[key]):  # the saved counts must give these bits
+                raise RuntimeError(f"SINBAD L{key[0]} c{key[1]}: descriptors are not count / {n}")
+            unit.whitening_sha = self._build_models(unit, train_d[key])
+            self.units[key] = unit
+        del train_d
+        self.validation_units = self.predict_units(validation, desc="SINBAD validation")
+        for key, m in unit_norms(self.validation_units, cfg).items():
+            self.units[key].norm = m
+            self.units[key].fit_id = self.units[key].identity()
+        return self
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def _require_fitted(self) -> None:
+        if set(self.units) != set(self.unit_keys) or any(u.norm is None for u in self.units.values()):
+            raise RuntimeError("SinbadModel is not fitted: call fit() or load a checkpoint")
+
+    def _score(self, unit: _Unit, d: torch.Tensor) -> np.ndarray:
+        """Descriptors (N, K, R*P*Q) -> raw 1-NN scores (R, K, N) float64."""
+        cfg, lv = self.cfg, unit.level
+        reps, dd = cfg.reps(lv), cfg.n_projections(lv) * cfg.quantiles
+        out = torch.zeros(reps, unit.crops, len(d), dtype=torch.float64)
+        if len(d):
+            for r in range(reps):
+                cols = slice(r * dd, (r + 1) * dd)
+                for k in range(unit.crops):
+                    w, bank = unit.models[r * unit.crops + k]
+                    out[r, k] = knn(w(d[:, k, cols]), bank, k=1, squared=True, bank_checked=True)[0][:, 0].cpu()
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"SINBAD L{lv} c{unit.crops}: non-finite scores; check the images and --weights")
+        return out.numpy()
+
+    def predict_units(self, images: Sequence[Any], *, desc: str = "SINBAD predict") -> dict[tuple[int, int], np.ndarray]:
+        """Raw per-position scores {(level, crops): (R, K, N)} of `images` (what a unit file holds)."""
+        if not self.units:
+            raise RuntimeError("SinbadModel is not fitted: call fit() or load a checkpoint")
+        official = self.cfg.official_thresholds  # the official code re-fits on the first batch of every split
+        thresholds = {key: [None] * key[1] if official else list(u.thresholds) for key, u in self.units.items()}
+        groups = unit_groups(list(self.units))
+        d = encode_units(images, groups, self.cfg, self.extractor, self.device,
+                         projections={key: u.projections for key, u in self.units.items()}, thresholds=thresholds,
+                         desc=desc)
+        return {key: self._score(u, d[key]) for key, u in self.units.items()}
+
+    @property
+    def norms(self) -> dict[tuple[int, int], np.ndarray]:
+        return {key: u.norm for key, u in self.units.items()}
+
+    def prediction_from_units(self, raw: Mapping[tuple[int, int], np.ndarray]) -> Prediction:
+        self._require_fitted()
+        out = combine(raw, self.norms, self.cfg)
+        return Prediction(scores=out.pop("sinbad"), maps=None, extra=out)
+
+    def predict(self, images: Sequence[Any], **kwargs) -> Prediction:
+        """Ensemble scores of `images` (image-level only: maps None); per-level scores in extra."""
+        self._require_fitted()
+        return self.prediction_from_units(self.predict_units(images))
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """Images -> canvases (B, 3, canvas, canvas) on the device (forward_networks' input)."""
+        ds = _Canvases(images, self.cfg.canvas)
+        return torch.stack([ds[i] for i in range(len(ds))]).to(self.device)
+
+    def forward_networks(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """The backbone passes of inference on canvases: every crop of every deep crop count (no sets, descriptors
+        or 1-NN). The pixel level has no network."""
+        feats = []
+        if self.extractor is None:
+            return feats
+        deep_lv = next(lv for lv, _ in self.unit_keys if lv != PIXEL_LEVEL)
+        for n_crops in dict.fromkeys(c for lv, c in self.unit_keys if lv != PIXEL_LEVEL):
+            side, corners = unit_crops(deep_lv, n_crops, self.cfg)
+            for y, x in corners:
+                with reduced_precision(self.cfg.dtype, self.device):
+                    feats.append(self.extractor(crops_to_sets(batch, y, x, side, self.cfg.set_res)))
+        return feats
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def checkpoint(self, units: Sequence[tuple[int, int]] | None = None) -> dict:
+        """{format, config, units: [unit state], backbone state for random weights}; `units`: a subset (one
+        unit's checkpoint for sinbad.py --units-only), with the configuration narrowed to it."""
+        self._require_fitted()
+        keys = list(self.unit_keys) if units is None else [tuple(k) for k in units]
+        cfg = self.cfg if units is None else narrowed_config(self.cfg, keys)
+        ckpt = {"format": CKPT_FORMAT, "config": config_record(cfg), "units": [self.units[k].state() for k in keys]}
+        if any(lv != PIXEL_LEVEL for lv, _ in keys):
+            ckpt.update(backbone_state_if_random(self.backbone))
+        return ckpt
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping, *, device: Any = "cpu", weights: Any = None, backbone=None,
+                        **kwargs) -> "SinbadModel":
+        """Rebuild a fitted model; `backbone`: an already loaded backbone, used when its weights are the
+        checkpoint's (else the backbone is found by methods.base.backbone_from_checkpoint)."""
+        from common.checkpoints import META_KEY
+        from common.provenance import RANDOM
+        from methods.base import backbone_from_checkpoint
+
+        fix = "re-create it with sinbad.py"
+        if ckpt.get("format") != CKPT_FORMAT or not isinstance(ckpt.get("units"), list):
+            raise CheckpointError(f"not a SINBAD model checkpoint of this version (format {ckpt.get('format')!r}, "
+                                  f"expected {CKPT_FORMAT}); {fix}")
+        cfg = config_from_record(ckpt.get("config"))
+        bb = None
+        if any(lv != PIXEL_LEVEL for lv in cfg.levels):
+            sha = (ckpt.get(META_KEY) or {}).get("weights_sha256")
+            if backbone is not None and sha not in (None, RANDOM) and getattr(backbone, "weights_sha256", None) == sha:
+                bb = backbone
+            else:
+                bb = backbone_from_checkpoint(ckpt, weights=weights)
+        model = cls(bb, cfg, device=device)
+        states = {(int(s["level"]), int(s["crops"])): s for s in ckpt["units"]}
+        if set(states) != set(model.unit_keys):
+            raise CheckpointError(f"the SINBAD checkpoint holds units {sorted(states)}, its configuration names "
+                                  f"{sorted(model.unit_keys)}; {fix}")
+        for key in model.unit_keys:
+            model.units[key] = model._restore(states[key], fix)
+        return model
+
+    def _restore(self, s: Mapping, fix: str) -> _Unit:
+        import logging
+
+        cfg = self.cfg
+        lv, c, n = int(s["level"]), int(s["crops"]), int(s["n_elements"])
+        counts, thr, norm = s["counts"], s["thresholds"], s["norm"]
+        width, rp = descriptor_width(lv, cfg), cfg.reps(lv) * cfg.n_projections(lv)
+        norm_shape = (cfg.reps(lv), 1) if lv == PIXEL_LEVEL else (1,)
+        ok = (isinstance(counts, torch.Tensor) and counts.ndim == 3 and counts.shape[1:] == (c, width)
+              and len(counts) >= 2 and not counts.is_floating_point() and isinstance(thr, torch.Tensor)
+              and tuple(thr.shape) == (c, rp, cfg.quantiles) and isinstance(norm, torch.Tensor)
+              and tuple(norm.shape) == norm_shape)
+        if not ok:
+            raise CheckpointError(f"the SINBAD checkpoint's unit L{lv} c{c} does not match its configuration "
+                                  f"(descriptor or threshold shapes); {fix}")
+        if not (torch.isfinite(thr).all() and torch.isfinite(norm).all() and (norm > 0).all()):
+            raise CheckpointError(f"the SINBAD checkpoint's unit L{lv} c{c} holds non-finite thresholds or "
+                                  f"normalisation; {fix}")
+        proj, proj_sha = self._projections((lv, c))
+        if proj_sha != s["projection_sha"]:
+            raise CheckpointError(f"the seeded projections of unit L{lv} c{c} come out differently with this "
+                                  f"version of torch than when the checkpoint was made; {fix}")
+        unit = _Unit(lv, c, n, counts, list(thr.float().unbind(0)), proj_sha, norm=norm.double().numpy(),
+                     fit_device=str(s.get("fit_device")), fit_id=str(s.get("fit_id")), projections=proj)
+        unit.whitening_sha = self._build_models(unit, unit.train_descriptors())
+        if unit.whitening_sha != s.get("whitening_sha"):
+            logging.getLogger("sinbad").warning(
+                "SINBAD L%d c%d: the shrunk-covariance models rebuilt on %s differ in the last bits from the fit on "
+                "%s (another device or linear-algebra library): scores can differ from the training run's in the "
+                "last digits", lv, c, self.device.type, unit.fit_device)
+        unit.whitening_sha = str(s.get("whitening_sha"))
+        return unit
+
+    @classmethod
+    def merged(cls, models: Sequence["SinbadModel"], cfg: SinbadConfig) -> "SinbadModel":
+        """One model of the units of fitted `models` that share one backbone (sinbad.py --benchmark)."""
+        backbones = {id(m.backbone): m.backbone for m in models if m.backbone is not None}
+        if len(backbones) > 1:
+            raise ValueError("merged SINBAD models must share one backbone object")
+        out = cls(next(iter(backbones.values()), None), cfg, device=models[0].device)
+        out.validation_units = {}
+        for m in models:
+            out.units.update(m.units)
+            out.validation_units.update(m.validation_units or {})
+        out.units = {k: out.units[k] for k in out.unit_keys}  # KeyError: a unit of cfg no model fitted
+        out.validation_units = {k: out.validation_units[k] for k in out.unit_keys}
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+INFERENCE_ONLY = ("dtype",)  # config fields that may differ between the fit and a later scoring
+
+
+def config_record(cfg: SinbadConfig) -> dict:
+    return asdict(cfg)
+
+
+def record_config(cfg: SinbadConfig) -> dict:
+    """What shapes the fitted model (the checkpoint record's config, checked by --test-only)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in INFERENCE_ONLY}
+
+
+def config_from_record(rec: Any) -> SinbadConfig:
+    if not isinstance(rec, Mapping):
+        raise CheckpointError("the SINBAD checkpoint has no configuration; re-create it with sinbad.py")
+    kw = {}
+    for f in fields(SinbadConfig):
+        if f.name in rec:
+            v = rec[f.name]
+            kw[f.name] = tuple(v) if isinstance(v, (list, tuple)) else v
+    return SinbadConfig(**kw)
+
+
+def narrowed_config(cfg: SinbadConfig, units: Sequence[tuple[int, int]]) -> SinbadConfig:
+    """The configuration of a subset of units (one unit: levels (L,), crops (K,))."""
+    levels = tuple(dict.fromkeys(lv for lv, _ in units))
+    crops = tuple(dict.fromkeys(c for lv, c in units if lv != PIXEL_LEVEL)) or (1,)
+    return replace(cfg, levels=levels, crops=crops)
+
+
+def checkpoint_path(ckpt_dir: str | Path, dataset: str, category: str) -> Path:
+    return Path(ckpt_dir) / "sinbad" / dataset / f"{safe_category(category)}.pth"
+
+
+def unit_checkpoint_path(ckpt_dir: str | Path, dataset: str, category: str, level: int, n_crops: int) -> Path:
+    return Path(ckpt_dir) / "sinbad" / dataset / "units" / safe_category(category) / f"L{level}_c{n_crops}.pth"
+
+
+def merge_checkpoints(ckpts: Sequence[Mapping], cfg: SinbadConfig) -> dict:
+    """Unit checkpoints (sinbad.py --units-only) -> one model checkpoint of `cfg` (without its record). Refuses
+    units fitted with other settings or, for random weights, with other backbone states."""
+    from methods.base import BACKBONE_STATE_KEY
+
+    want = {k: v for k, v in record_config(cfg).items() if k not in ("levels", "crops")}
+    units, state = [], None
+    for ck in ckpts:
+        got = {k: v for k, v in record_config(config_from_record(ck.get("config"))).items() if k in want}
+        diff = [f"{k}={got.get(k)} (this run: {v})" for k, v in want.items() if got.get(k) != v]
+        if diff:
+            raise CheckpointError(f"a unit checkpoint was fitted with other settings: {'; '.join(diff[:3])}")
+        bs = ck.get(BACKBONE_STATE_KEY)
+        if bs is not None:
+            if state is None:
+                state = bs
+            elif set(bs) != set(state) or not all(torch.equal(bs[k], state[k]) for k in state):
+                raise CheckpointError("the unit checkpoints were made with different random backbones")
+        units.extend(ck["units"])
+    out = {"format": CKPT_FORMAT, "config": config_record(cfg), "units": units}
+    if state is not None:
+        out[BACKBONE_STATE_KEY] = state
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- one unit
+def timing_record(*, seconds: float, cpu_seconds: float, test_seconds: float, images: int, test_images: int,
+                  device: torch.device) -> dict:
+    """Time per image of a fit + test scoring (unit files, --benchmark)."""
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"seconds": seconds, "images": images, "s_per_image": seconds / max(1, images),
+            "cpu_s_per_image": cpu_seconds / max(1, images),  # all threads; stable on a shared machine
+            "test_s_per_image": test_seconds / max(1, test_images),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "peak_cuda_mb": peak / 2 ** 20}
+
+
+def run_unit(data: CategoryData, level: int, n_crops: int, cfg: SinbadConfig, extractor, device=None, *,
              logger=None) -> dict:
-    """Fit and score one (level, crop count): returns per-position scores test (R, K, N_test), val (R, K, N_val)."""
-    return run_units(data, [level], n_crops, cfg, extractor, device, logger)[level]
+    """Fit and score one (level, crop count): per-position scores test (R, K, N_test), val (R, K, N_val)."""
+    return run_units(data, [level], n_crops, cfg, extractor, device=device, logger=logger)[level]
 
 
-def run_units(data: CategoryData, levels: Sequence[int], n_crops: int, cfg: SinbadConfig, extractor,
-              device: torch.device, logger=None) -> dict[int, dict]:
+def run_units(data: CategoryData, levels: Sequence[int], n_crops: int, cfg: SinbadConfig, extractor, *,
+              device=None, logger=None) -> dict[int, dict]:
     """run_unit for deep levels that share a crop count, in one pass over the images (the extractor returns every
     level's layer); each level's scores equal its own run_unit's. The timing covers the shared pass."""
+    device = torch.device(device or "cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    n_q = cfg.quantiles
-    projections = {lv: [torch.cat([projection_matrix(element_dim(lv, extractor), cfg.n_projections(lv), cfg.seed, lv,
-                                                     n_crops, k, r) for r in range(cfg.reps(lv))], 1).to(device)
-                        for k in range(n_crops)] for lv in levels}
-    tag = f"{data.category} L{'+'.join(map(str, levels))} c{n_crops}"
-    train_d, thr = encode_levels(data.train, levels, n_crops, cfg, extractor, device, projections,
-                                 desc=f"{tag} train")
-    frozen = None if cfg.official_thresholds else thr
-    val_d = encode_levels(data.validation, levels, n_crops, cfg, extractor, device, projections, frozen,
-                          f"{tag} val")[0]
+    model = SinbadModel(getattr(extractor, "backbone", None), narrowed_config(cfg, [(lv, n_crops) for lv in levels]),
+                        device=device, extractor=extractor)
+    model.fit(data.train, validation=data.validation)
     t_test = time.perf_counter()
-    test_d = encode_levels(data.test, levels, n_crops, cfg, extractor, device, projections, frozen,
-                           f"{tag} test")[0]
+    test = model.predict_units(data.test)
     t_test = time.perf_counter() - t_test
-    out = {}
-    for lv in levels:
-        reps, dd = cfg.reps(lv), cfg.n_projections(lv) * n_q
-        test_s = torch.zeros(reps, n_crops, len(data.test), dtype=torch.float64)
-        val_s = torch.zeros(reps, n_crops, len(data.validation), dtype=torch.float64)
-        for r in range(reps):
-            cols = slice(r * dd, (r + 1) * dd)
-            for k in range(n_crops):
-                st, sv = nn_scores(train_d[lv][:, k, cols].to(device), [test_d[lv][:, k, cols], val_d[lv][:, k, cols]],
-                                   cfg.alpha(lv), cfg.whiten)
-                test_s[r, k], val_s[r, k] = st.cpu(), sv.cpu()
-        for name, s in (("test", test_s), ("validation", val_s)):
-            if not torch.isfinite(s).all():
-                raise FloatingPointError(f"SINBAD {data.category} L{lv} c{n_crops}: non-finite {name} scores; check "
-                                         "the images and --weights")
-        # the weights behind a deep unit, so --ensemble-only never mixes units of different weights files
-        sha = None if lv == PIXEL_LEVEL else getattr(extractor.backbone, "weights_sha256", None) or "RANDOM"
-        out[lv] = {"test": test_s.numpy(), "val": val_s.numpy(), "weights_sha256": sha}
-    seconds = time.perf_counter() - t0
-    n_img = len(data.train) + len(data.validation) + len(data.test)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    cpu = time.process_time() - c0  # all threads; stable where the wall clock is shared with other jobs
-    timing = {"seconds": seconds, "images": n_img, "s_per_image": seconds / max(1, n_img),
-              "cpu_s_per_image": cpu / max(1, n_img),
-              "test_s_per_image": t_test / max(1, len(data.test)),
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-              "peak_cuda_mb": peak / 2 ** 20}
+    timing = timing_record(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
+                           test_seconds=t_test, images=len(data.train) + len(data.validation) + len(data.test),
+                           test_images=len(data.test), device=device)
     if len(levels) > 1:
         timing["shared_by_levels"] = list(levels)
     if logger:
-        logger.info("%s: %.1f s (%.3f s/image, test %.3f s/image, CPU %.3f s/image), peak RSS %.0f MB", tag,
-                    seconds, timing["s_per_image"], timing["test_s_per_image"], timing["cpu_s_per_image"],
-                    timing["peak_rss_mb"])
-    for lv in levels:
-        out[lv]["timing"] = dict(timing)
-    return out
+        logger.info("%s L%s c%d: %.1f s (%.3f s/image, test %.3f s/image)", data.category,
+                    "+".join(map(str, levels)), n_crops, timing["seconds"], timing["s_per_image"],
+                    timing["test_s_per_image"])
+    return {lv: {"test": test[(lv, n_crops)], "val": model.validation_units[(lv, n_crops)],
+                 "weights_sha256": unit_weights_sha(lv, model.backbone), "timing": dict(timing),
+                 "fit_id": model.units[(lv, n_crops)].fit_id} for lv in levels}
+
+
+def unit_weights_sha(level: int, backbone) -> str | None:
+    """The weights behind a deep unit, so --ensemble-only never mixes units of different weights files."""
+    return None if level == PIXEL_LEVEL else getattr(backbone, "weights_sha256", None) or "RANDOM"
 
 
 # ----------------------------------------------------------------------------------------------- unit files
@@ -378,7 +831,7 @@ COMPAT_KEYS = ("canvas", "crop_num_edge", "set_res", "quantiles", "official_thre
 
 def save_unit(path: Path, result: dict, data: CategoryData, cfg: SinbadConfig, meta: dict) -> None:
     info = {"version": UNIT_VERSION, "config": asdict(cfg), "timing": result["timing"],
-            "weights_sha256": result.get("weights_sha256"), **meta,
+            "weights_sha256": result.get("weights_sha256"), "fit_id": result.get("fit_id"), **meta,
             "test": [sample_key(s) for s in data.test], "val": [sample_key(s) for s in data.validation]}
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
@@ -393,7 +846,7 @@ def load_unit(path: Path, data: CategoryData) -> dict:
     """A unit file, checked against the current image lists."""
     if not path.is_file():
         raise UnitFileError(f"SINBAD unit file not found: {path} (run sinbad.py for this level/crop count first, "
-                                "or drop --ensemble-only)")
+                            "or drop --ensemble-only)")
     try:
         with np.load(path) as z:
             test, val, info = z["test"], z["val"], json.loads(str(z["info"]))
@@ -433,39 +886,53 @@ def normalize_by_val(test: np.ndarray, val: np.ndarray, eps: float = 1e-5) -> tu
     return np.asarray(test, np.float64) / m + eps, np.asarray(val, np.float64) / m + eps
 
 
-def ensemble(units: dict[tuple[int, int], dict], cfg: SinbadConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{(level, n_crops): {"test": (R, K, Nt), "val": (R, K, Nv)}} -> {method: (test scores, val scores)}.
+def _unit_cells(key: tuple[int, int], scores: np.ndarray, cfg: SinbadConfig) -> np.ndarray:
+    """Raw unit scores (R, K, N) -> the cells the ensemble normalises: the bicubic grid mean (N,) of a deep unit,
+    the (R, N) repeats of the pixel level."""
+    if key[0] == PIXEL_LEVEL:
+        return np.asarray(scores[:, 0], np.float64)
+    return np.einsum("k,kn->n", grid_mean_weights(key[1], cfg.crop_num_edge), scores[0])
+
+
+def unit_norms(val_units: Mapping[tuple[int, int], np.ndarray], cfg: SinbadConfig) -> dict[tuple[int, int], np.ndarray]:
+    """Per unit: mean validation score + eps ((1,) deep, (R, 1) pixel), the divisor of `normalize_by_val`."""
+    return {key: np.asarray(_unit_cells(key, v, cfg), np.float64).mean(-1, keepdims=True) + cfg.reg_eps
+            for key, v in val_units.items()}
+
+
+def combine(units: Mapping[tuple[int, int], np.ndarray], norms: Mapping[tuple[int, int], np.ndarray],
+            cfg: SinbadConfig) -> dict[str, np.ndarray]:
+    """Raw unit scores {(level, crops): (R, K, N)} + their validation norms -> {sinbad_L<level>, sinbad}.
 
     Per deep level: each crop count's grid is reduced by the bicubic-weighted mean, normalised by its validation
     mean, and averaged over crop counts -> sinbad_L<level>. Pixel level: each repeat normalised, median over
-    repeats -> sinbad_L224. sinbad = mean over deep levels + lambda * pixel score.
+    repeats -> sinbad_L224. sinbad = mean over deep levels + lambda * pixel score (`calc_anom_ensm.py`).
     """
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    out: dict[str, np.ndarray] = {}
     deep_levels = sorted({lv for lv, _ in units if lv != PIXEL_LEVEL})
     for lv in deep_levels:
-        per_scale_t, per_scale_v = [], []
-        for n_crops in sorted((c for l2, c in units if l2 == lv), reverse=True):
-            u = units[(lv, n_crops)]
-            w = grid_mean_weights(n_crops, cfg.crop_num_edge)
-            t, v = normalize_by_val(np.einsum("k,kn->n", w, u["test"][0]), np.einsum("k,kn->n", w, u["val"][0]),
-                                    cfg.reg_eps)
-            per_scale_t.append(t)
-            per_scale_v.append(v)
-        out[f"sinbad_L{lv}"] = (np.mean(per_scale_t, 0), np.mean(per_scale_v, 0))
+        per_scale = [np.asarray(_unit_cells((lv, c), units[(lv, c)], cfg), np.float64) / norms[(lv, c)] + cfg.reg_eps
+                     for c in sorted((c for l2, c in units if l2 == lv), reverse=True)]
+        out[f"sinbad_L{lv}"] = np.mean(per_scale, 0)
+    pixel = f"sinbad_L{PIXEL_LEVEL}"
     if (PIXEL_LEVEL, 1) in units:
-        u = units[(PIXEL_LEVEL, 1)]
-        t, v = normalize_by_val(u["test"][:, 0], u["val"][:, 0], cfg.reg_eps)  # (R, N) each
-        out[f"sinbad_L{PIXEL_LEVEL}"] = (np.median(t, 0), np.median(v, 0))
+        key = (PIXEL_LEVEL, 1)
+        out[pixel] = np.median(_unit_cells(key, units[key], cfg) / norms[key] + cfg.reg_eps, 0)
     if deep_levels:
-        t = np.mean([out[f"sinbad_L{lv}"][0] for lv in deep_levels], 0)
-        v = np.mean([out[f"sinbad_L{lv}"][1] for lv in deep_levels], 0)
-        if f"sinbad_L{PIXEL_LEVEL}" in out:
-            pt, pv = out[f"sinbad_L{PIXEL_LEVEL}"]
-            t, v = t + cfg.lambda_pixel * pt, v + cfg.lambda_pixel * pv
-        out["sinbad"] = (t, v)
-    elif f"sinbad_L{PIXEL_LEVEL}" in out:
-        out["sinbad"] = out[f"sinbad_L{PIXEL_LEVEL}"]
+        s = np.mean([out[f"sinbad_L{lv}"] for lv in deep_levels], 0)
+        out["sinbad"] = s + cfg.lambda_pixel * out[pixel] if pixel in out else s
+    elif pixel in out:
+        out["sinbad"] = out[pixel]
     return out
+
+
+def ensemble(units: dict[tuple[int, int], dict], cfg: SinbadConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{(level, n_crops): {"test": (R, K, Nt), "val": (R, K, Nv)}} -> {method: (test scores, val scores)}: `combine`
+    with the norms of the units' own validation scores."""
+    norms = unit_norms({k: u["val"] for k, u in units.items()}, cfg)
+    test = combine({k: u["test"] for k, u in units.items()}, norms, cfg)
+    val = combine({k: u["val"] for k, u in units.items()}, norms, cfg)
+    return {name: (test[name], val[name]) for name in test}
 
 
 def with_validation(data: CategoryData, holdout: float) -> CategoryData:
@@ -482,8 +949,10 @@ def with_validation(data: CategoryData, holdout: float) -> CategoryData:
                    validation=[s for i, s in enumerate(data.train) if i in idx])
 
 
-__all__ = ["SinbadConfig", "LEVELS", "PIXEL_LEVEL", "CROP_RATIOS", "DEEP_LAYERS", "crop_counts", "aspect_size",
-           "CanvasTransform", "crop_grid", "crops_to_sets", "percentiles", "fit_thresholds", "set_descriptor",
-           "projection_matrix", "ShrunkWhitener", "nn_scores", "encode", "encode_levels", "describe_levels",
-           "run_unit", "run_units", "unit_path", "save_unit",
-           "load_unit", "grid_mean_weights", "normalize_by_val", "ensemble", "with_validation", "work_dir"]
+__all__ = ["SinbadConfig", "SinbadModel", "LEVELS", "PIXEL_LEVEL", "CROP_RATIOS", "DEEP_LAYERS", "crop_counts",
+           "units_for", "unit_groups", "aspect_size", "CanvasTransform", "crop_grid", "crops_to_sets", "percentiles",
+           "fit_thresholds", "set_descriptor", "projection_matrix", "ShrunkWhitener", "nn_scores", "encode",
+           "encode_levels", "encode_units", "describe_canvases", "describe_levels", "run_unit", "run_units",
+           "unit_path", "save_unit", "load_unit", "grid_mean_weights", "normalize_by_val", "unit_norms", "combine",
+           "ensemble", "with_validation", "work_dir", "checkpoint_path", "unit_checkpoint_path", "merge_checkpoints",
+           "record_config", "config_from_record", "narrowed_config"]
