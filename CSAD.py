@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default=None, help="test only, with this checkpoint file (one category)")
     g.add_argument("--allow-unfinished", action="store_true",
                    help="with --test-only: accept a checkpoint of an unfinished run (warns)")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="inference precision (default fp32 = exact; bf16 on the CPU, fp16 on a GPU: approximate)")
     g.add_argument("--no-maps", action="store_true", help="do not write TIFF anomaly maps")
     g.add_argument("--workers", type=int, default=0, help="data-loader workers for the penalty images")
     g.add_argument("--benchmark-speed", action="store_true",
@@ -80,6 +82,8 @@ def make_config(args):
         over["official_teacher_stats"] = True
     if args.no_padding:
         over["padding"] = False
+    if getattr(args, "dtype", "fp32") != "fp32":
+        over["dtype"] = args.dtype
     return LGSTConfig.fast(**over) if args.fast else LGSTConfig(**over)
 
 
@@ -106,6 +110,9 @@ def main(argv=None) -> None:
 
     device = pick_device(args.device)
     cfg = make_config(args)
+    from methods.base import reduced_precision
+
+    reduced_precision(cfg.dtype, device)  # e.g. fp16 on the CPU stops here, not after training
     penalty = None
     # a missing folder fails before the teacher loads (a test-only run needs none)
     if not args.benchmark_speed and not args.no_penalty and not test_only:

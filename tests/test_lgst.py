@@ -421,6 +421,27 @@ def test_detector_round_trip_and_predict_py_in_a_fresh_process(fast_run, lite0_w
     assert len(list((tmp_path / "p" / "maps").rglob("*.tiff"))) == len(ref)
 
 
+def test_bf16_predict_is_finite_and_ranks_like_fp32(fast_run, lite0_weights):
+    from scipy.stats import spearmanr
+
+    from dataset_readers import read_category
+    from methods.base import ImageList, load_model
+
+    out, root = fast_run
+    data = read_category("synthetic_loco", "synth_box", root)
+    model, _ = load_model(out / "ckpt" / "best_synth_box.pth", weights=lite0_weights)
+    images = lgst.load_images(data.test, model.cfg.input_size)
+    ref = model.predict(images).scores
+    model.cfg.dtype = "bf16"
+    low = model.predict(images)
+    assert low.scores.dtype == np.float64 and low.maps[0].dtype == np.float32 and np.isfinite(low.scores).all()
+    assert not np.array_equal(low.scores, ref)  # the reduced-precision path really ran
+    assert spearmanr(low.scores, ref).statistic > 0.9
+    model.cfg.dtype = "fp16"
+    with pytest.raises(Exception, match="needs a CUDA device"):
+        model.predict(ImageList(data.test[:1]))
+
+
 # ------------------------------------------------------------------------------------------ fused path
 
 def test_fused_inference_runs_the_backbone_once_and_matches_separate_paths():

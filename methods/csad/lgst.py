@@ -26,12 +26,13 @@ from tqdm import tqdm
 
 from common import get_logger, load_checkpoint, save_checkpoint
 from common.checkpoints import META_KEY, check_meta, checkpoint_meta
+from common.config import opt
 from dataset_readers.base import IMAGE_SUFFIXES, DatasetError, Sample
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, load_stack
 from models.efficientad import AutoEncoder, LocalStudent
 from models.feature_extractor import FeatureExtractor
 from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, ImageList, Prediction, backbone_from_checkpoint,
-                          backbone_state_if_random)
+                          backbone_state_if_random, reduced_precision)
 from methods.knn import NonFiniteError, require_finite, weights_cause
 
 METHOD = "LGST"
@@ -42,26 +43,30 @@ log = get_logger("csad.lgst")
 @dataclass
 class LGSTConfig:
     """Official values (configs/mvtecloco_train.yaml and models/model.py); `fast()` shrinks sizes only."""
-    input_size: int = 256
-    channels: int = 512
-    student_width: int = 256
-    ae_base: int = 64
-    padding: bool = True
-    iterations: int = 60000
-    batch_size: int = 2
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    lr_step_fraction: float = 0.95  # StepLR step = floor(0.95 * iterations), gamma 0.1
-    lr_gamma: float = 0.1
-    hard_quantile: float = 0.999
-    q_start: float = 0.9
-    q_end: float = 0.995
-    map_scale: float = 0.1
-    weight_st: float = 1.0
-    weight_ae: float = 1.0
-    weight_stae: float = 1.0
-    eval_freq: int = 1000
-    official_teacher_stats: bool = False  # official mean of per-batch means (see channel_stats)
+    input_size: int = opt(256, "input resolution: the whole image resized (bilinear) to a square")
+    channels: int = opt(512, "teacher projection / student output channels")
+    student_width: int = opt(256, "local student trunk width")
+    ae_base: int = opt(64, "autoencoder base channels")
+    padding: bool = opt(True, "student convolutions with padding (--no-padding: the official speed-test setting)")
+    iterations: int = opt(60000, "training iterations")
+    batch_size: int = opt(2, "training batch size")
+    lr: float = opt(2e-4, "Adam learning rate")
+    weight_decay: float = opt(1e-4, "Adam weight decay")
+    lr_step_fraction: float = opt(0.95, "StepLR step at this fraction of the iterations")
+    lr_gamma: float = opt(0.1, "StepLR factor")
+    hard_quantile: float = opt(0.999, "hard-loss quantile of the student-teacher distances")
+    q_start: float = opt(0.9, "map normalisation: lower validation quantile")
+    q_end: float = opt(0.995, "map normalisation: upper validation quantile")
+    map_scale: float = opt(0.1, "map normalisation: value of a map at the upper quantile")
+    weight_st: float = opt(1.0, "weight of the student-teacher loss (hard loss + penalty)")
+    weight_ae: float = opt(1.0, "weight of the autoencoder loss")
+    weight_stae: float = opt(1.0, "weight of the student-autoencoder loss")
+    eval_freq: int = opt(1000, "test evaluation interval with --select-on-test")
+    official_teacher_stats: bool = opt(False, "official teacher normalisation: mean of per-batch channel means "
+                                              "(batch 2, no drop_last), so with an odd image count the last image "
+                                              "weighs double (default: the global mean)")
+    dtype: str = opt("fp32", "inference precision (bf16 / fp16 approximate; training is always fp32); not in the "
+                             "checkpoint record", choices=("fp32", "bf16", "fp16"))
 
     @property
     def out_size(self) -> int:
@@ -372,6 +377,7 @@ def train(model: LGSTModel, train_images: torch.Tensor, val_images: torch.Tensor
           penalty: list[Sample] | None = None, *, workers: int = 0,
           evaluate: Callable[[LGSTModel], float] | None = None, batch_size_infer: int = 16) -> dict:
     """Train the students. Returns {"iteration", "selected": "final"|"test", "best_metric", "history"}.
+    (`penalty` stays positional: benchmarks/speed.py passes it so.)
 
     evaluate: if given (official --select-on-test), called every eval_freq iterations after refreshing the
     validation quantiles; the state with the highest value is restored at the end.
@@ -525,6 +531,9 @@ class LGSTDetector(AnomalyModel):
         self.batch_size = batch_size  # inference batch (training uses cfg.batch_size)
         self.model = model if model is not None else build_model(backbone, cfg, seed)
         self.info: dict = {"iteration": None, "selected": None, "best_metric": None, "history": []}
+        # fp32 scores of the validation images (the fused CSAD normalises the LGST branch with them)
+        self.val_scores: np.ndarray | None = None
+        self.meta: dict = {}  # the provenance record of the checkpoint it was loaded from
 
     def fit(self, train: Sequence[Any] | torch.Tensor, *, validation: Sequence[Any] | torch.Tensor,
             penalty: list[Sample] | None = None, seed: int | None = None, workers: int = 0,
@@ -535,9 +544,10 @@ class LGSTDetector(AnomalyModel):
         s = self.cfg.input_size
         train_x = as_stack(train, s, "train images")
         val_x = as_stack(validation, s, "validation images")
-        self.info = train_students(self.model, train_x, val_x, self.device, seed, penalty, workers=workers,
-                          evaluate=evaluate, batch_size_infer=self.batch_size)
+        self.info = train_students(self.model, train_x, val_x, self.device, seed, penalty=penalty, workers=workers,
+                                   evaluate=evaluate, batch_size_infer=self.batch_size)
         self.seed = seed
+        self.val_scores = self.predict_stack(val_x, desc="validation", dtype="fp32")[1].numpy()
         return self
 
     def preprocess(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
@@ -548,13 +558,17 @@ class LGSTDetector(AnomalyModel):
     def forward_networks(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone + teacher, student and autoencoder on a preprocessed batch: the raw (M_st, M_ae) maps."""
         self.model.eval()
-        return self.model.raw_maps(batch.to(self.device))
+        with reduced_precision(self.cfg.dtype, self.device):
+            return self.model.raw_maps(batch.to(self.device))
 
-    def predict_stack(self, images: Sequence[Any] | torch.Tensor, desc: str | None = "predict"):
-        """(maps (N, s, s), scores (N,)) float32 tensors: the LGST score files' values."""
+    def predict_stack(self, images: Sequence[Any] | torch.Tensor, desc: str | None = "predict",
+                      dtype: str | None = None):
+        """(maps (N, s, s), scores (N,)) float32 tensors: the LGST score files' values. dtype: cfg.dtype if None."""
         x = as_stack(images, self.cfg.input_size)
         self.model.to(self.device)
-        return predict(self.model, x, self.device, self.batch_size, desc=desc)
+        with reduced_precision(dtype or self.cfg.dtype, self.device):  # fp32: a null context, the exact numbers
+            m, sc = predict(self.model, x, self.device, self.batch_size, desc=desc)
+        return m.float(), sc.float()
 
     def predict(self, images: Sequence[Any] | torch.Tensor, *, maps: bool = True) -> Prediction:
         """Image scores (max of the map) and the LGST maps at the input size, batched with a progress bar."""
@@ -563,24 +577,27 @@ class LGSTDetector(AnomalyModel):
                           maps=[a.astype(np.float32) for a in m.numpy()] if maps else None)
 
     def checkpoint(self) -> dict:
+        val = {} if self.val_scores is None else {"val_scores": torch.from_numpy(
+            np.array(self.val_scores, dtype=np.float32))}
         return self.model.checkpoint(getattr(self.backbone, "backbone_name", "unknown"),
                                      iteration=self.info.get("iteration"), selected=self.info.get("selected"),
-                                     seed=self.seed, batch_size_infer=self.batch_size,
+                                     seed=self.seed, batch_size_infer=self.batch_size, **val,
                                      **backbone_state_if_random(self.backbone))
 
     @classmethod
     def from_checkpoint(cls, ckpt: Mapping, *, device: Any = "cpu", weights: Any = None,
                         backbone: nn.Module | None = None) -> "LGSTDetector":
         """The fitted detector. `backbone`: the already built backbone the checkpoint was made with (checked by
-        name and sha256), else rebuilt by methods.base.backbone_from_checkpoint (`weights` or the default)."""
+        name and sha256; for random weights used only if it holds the checkpoint's own weights), else rebuilt by
+        methods.base.backbone_from_checkpoint (`weights` or the default)."""
         from common.errors import CheckpointError
 
         missing = [k for k in ("student", "autoencoder", "teacher_proj", "config") if k not in ckpt]
         if missing:
             raise CheckpointError(f"not an LGST checkpoint (no {', '.join(missing)}); re-create it with CSAD.py")
         meta = ckpt.get(META_KEY) or {}
-        if backbone is None or BACKBONE_STATE_KEY in ckpt:  # random weights: the checkpoint's own backbone
-            backbone = backbone_from_checkpoint(ckpt, weights=weights)
+        if backbone is None or (BACKBONE_STATE_KEY in ckpt and not _holds_state(backbone, ckpt[BACKBONE_STATE_KEY])):
+            backbone = backbone_from_checkpoint(ckpt, weights=weights)  # random weights: the checkpoint's own
         else:
             name, sha = meta.get("backbone"), meta.get("weights_sha256")
             have = getattr(backbone, "backbone_name", None), getattr(backbone, "weights_sha256", None)
@@ -593,7 +610,16 @@ class LGSTDetector(AnomalyModel):
                   batch_size=int(ckpt.get("batch_size_infer") or 16), model=net.to(device).eval())
         det.info = {"iteration": ckpt.get("iteration"), "selected": ckpt.get("selected"), "best_metric": None,
                     "history": []}
+        if "val_scores" in ckpt:  # absent in checkpoints of older versions
+            det.val_scores = ckpt["val_scores"].numpy().astype(np.float32)
+        det.meta = dict(meta)
         return det
+
+
+def _holds_state(backbone: nn.Module, state: Mapping) -> bool:
+    """Whether `backbone` holds exactly these (random) weights."""
+    own = backbone.state_dict()
+    return all(k in own and torch.equal(own[k].detach().cpu(), v) for k, v in state.items())
 
 
 # ----------------------------------------------------------------------------------------------- one category
@@ -612,8 +638,9 @@ def checkpoint_path(ckpt_dir: str | Path, category: str) -> Path:
 
 def record(data, backbone: nn.Module, cfg: LGSTConfig, seed: int, finished: bool = True) -> dict:
     """The checkpoint record of one category's run (common.checkpoints.checkpoint_meta)."""
+    config = {k: v for k, v in asdict(cfg).items() if k != "dtype"}  # inference precision: any works
     return checkpoint_meta(method=METHOD, dataset=data.dataset, category=data.category, model=backbone,
-                           config=asdict(cfg), train_samples=data.train, finished=finished, seed=seed)
+                           config=config, train_samples=data.train, finished=finished, seed=seed)
 
 
 def split_validation(data, seed: int) -> tuple[list, list]:
@@ -650,7 +677,7 @@ def run_category(data, backbone: nn.Module, cfg: LGSTConfig, device, *, seed: in
             ckpt, _ = load_checked(ckpt_path, record(data, backbone, cfg, seed), fix=fix,
                                    allow_unfinished=allow_unfinished, logger=log)
             det = LGSTDetector.from_checkpoint(ckpt, device=device, backbone=backbone)
-            det.batch_size = batch_size_infer
+            det.batch_size, det.cfg.dtype = batch_size_infer, cfg.dtype
         with stage("read", category=data.category):
             test_images = load_images(data.test, s, desc="test images")
             val_images = load_images(data.validation, s, desc="validation images") if data.validation else None
