@@ -3,7 +3,9 @@ CSV/markdown writers, and a tiny end-to-end run."""
 from __future__ import annotations
 
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +162,118 @@ def test_official_csad_timing_row(tmp_path):
     assert "8.9 ms/img" in row["anchor"] and "no per-call synchronisation" in row["stages"]
     t = speed.time_fn(lambda: time.sleep(0.01), CPU, warmup=0, runs=2, sync_each=False)
     assert t["runs"] == 2 and t["median_ms"] >= 9.5
+
+
+# ----------------------------------------------------------------------------------------------- rehearsal
+def _loco_tree(root, n_train=3, n_val=2, n_test=2):
+    """A tiny MVTec LOCO-layout category with masks, component maps and defects_config.json."""
+    from PIL import Image
+
+    cat = root / "cat"
+    img = Image.new("RGB", (8, 8), (10, 20, 30))
+    mask = Image.new("L", (8, 8), 255)
+    for split, kind, n in [("train", "good", n_train), ("validation", "good", n_val), ("test", "good", n_test),
+                           ("test", "logical_anomalies", n_test)]:
+        for i in range(n):
+            (cat / split / kind).mkdir(parents=True, exist_ok=True)
+            img.save(cat / split / kind / f"{i:03d}.png")
+            if split == "train":
+                (cat / "component_maps" / split / kind).mkdir(parents=True, exist_ok=True)
+                mask.save(cat / "component_maps" / split / kind / f"{i:03d}.png")
+            if kind != "good":
+                (cat / "ground_truth" / kind / f"{i:03d}").mkdir(parents=True, exist_ok=True)
+                mask.save(cat / "ground_truth" / kind / f"{i:03d}" / "000.png")
+    (cat / "defects_config.json").write_text('[{"defect_name": "d", "pixel_value": 255, '
+                                             '"saturation_threshold": 1.0, "relative_saturation": true}]')
+    return cat
+
+
+def test_rehearsal_subset_reads_as_the_first_images(tmp_path):
+    from benchmarks.rehearse import limit_images, make_subset
+    from dataset_readers.mvtec_loco import read_mvtec_loco
+
+    src = _loco_tree(tmp_path / "src", n_train=5, n_val=3, n_test=3)
+    sub = make_subset(src, tmp_path / "sub", n_train=2, n_val=1, n_test=2)
+    data = read_mvtec_loco(tmp_path / "sub", "cat")
+    assert [Path(s.path).name for s in data.train] == ["000.png", "001.png"] and len(data.validation) == 1
+    assert [(s.defect_type, Path(s.path).name) for s in data.test] == [
+        ("good", "000.png"), ("good", "001.png"), ("logical_anomalies", "000.png"), ("logical_anomalies", "001.png")]
+    assert all(len(s.mask_paths) == 1 for s in data.test if s.defect_type != "good")
+    assert sorted(p.name for p in (sub / "component_maps" / "train" / "good").iterdir()) == ["000.png", "001.png"]
+    assert (sub / "train" / "good" / "000.png").resolve() == (src / "train" / "good" / "000.png").resolve()
+    # again with more images: the folder is rebuilt, not added to
+    make_subset(src, tmp_path / "sub", n_train=4, n_val=1, n_test=1)
+    assert len(read_mvtec_loco(tmp_path / "sub", "cat").train) == 4
+    # --limits images alternate between the test types
+    assert [Path(p).parent.name + "/" + Path(p).name for p in limit_images(src, 3)] == [
+        "good/000.png", "logical_anomalies/000.png", "good/001.png"]
+
+
+CHILD = r"""
+import os, sys, time, numpy as np
+sys.path.insert(0, {repo!r})
+from common.memory import stage
+print("first", flush=True)
+with stage("alloc", images=3):
+    a = np.ones(300 * 2 ** 20 // 8)
+    time.sleep(0.4)
+    del a
+print("second", flush=True)
+t = time.process_time()
+while time.process_time() - t < 0.3:
+    pass
+sys.exit({rc})
+"""
+
+
+def test_rehearsal_process_measurement(tmp_path):
+    """A child that allocates 300 MiB in a stage and burns 0.3 s of CPU: the wait4 peak, the stage record, the
+    sampled phase peak, the CPU time and the exit code are all seen."""
+    from benchmarks.rehearse import REPO, Run, run_process
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(repo=str(REPO), rc=3))
+    r = run_process(Run("s", "m", "base", "child", [sys.executable, str(script)]), env={},
+                    log_path=tmp_path / "child.log", timeout_s=60)
+    assert r.rc == 3 and "second" in r.error
+    assert r.maxrss_mb >= 300 and r.cpu_s >= 0.3 and r.wall_s >= 0.7
+    assert [s["stage"] for s in r.stages] == ["alloc"] and r.stages[0]["images"] == 3
+    assert r.stages[0]["peak_rss_mb"] - r.stages[0]["rss_start_mb"] >= 290
+    first = next(p for p in r.phases if p["line"] == "first")
+    second = next(p for p in r.phases if p["line"] == "second")
+    # the sampled peak of the phase after "first" holds the allocation; the phase after "second" does not
+    assert first["peak_mb"] >= r.stages[0]["peak_rss_mb"] - 20 and first["seconds"] >= 0.4
+    assert first["peak_mb"] - second["peak_mb"] >= 150
+    # a run past its time limit is killed and says so
+    script.write_text("import time\nprint('start', flush=True)\ntime.sleep(30)\n")
+    r = run_process(Run("s", "m", "base", "slow", [sys.executable, str(script)]), env={},
+                    log_path=tmp_path / "slow.log", timeout_s=1)
+    assert r.rc == -9 and r.error.startswith("timed out after 1 s") and r.wall_s < 20
+
+
+def test_rehearsal_growth_arithmetic():
+    from benchmarks.rehearse import Run, growth
+
+    def run(variant, iters, images, peak, secs):
+        r = Run("real", "glass", variant, "glass", [], iterations=iters, images=images, rc=0, wall_s=secs,
+                cpu_s=secs / 2, maxrss_mb=peak)
+        r.stages = [{"stage": "fit", "peak_rss_mb": peak - 100, "seconds": secs - 1, "cpu_s": None}]
+        return r
+
+    rows = growth([run("base", 1, 4, 1000, 10), run("iters2", 2, 4, 1010, 16), run("images2", 1, 8, 1400, 30)])
+    by = {(g["vary"], g["stage"]): g for g in rows}
+    assert by[("iterations", "(process)")]["peak_mb_per_unit"] == pytest.approx(10.0)
+    assert by[("iterations", "(process)")]["seconds_per_unit"] == pytest.approx(6.0)
+    assert by[("images", "fit")]["peak_mb_per_unit"] == pytest.approx(100.0)  # (1300 - 900) / 4 images
+    assert by[("images", "(process)")]["cpu_s_per_unit"] == pytest.approx(2.5)
+    assert by[("images", "fit")]["cpu_s_per_unit"] is None
+    failed = run("iters2", 2, 4, 5000, 1)
+    failed.rc = 1
+    assert all(g["vary"] != "iterations" for g in growth([run("base", 1, 4, 1000, 10), failed]))
+
+
+def test_rehearsal_spearman():
+    from benchmarks.rehearse import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
