@@ -716,8 +716,10 @@ def run_category(data, backbone: nn.Module, cfg: LGSTConfig, device, *, seed: in
             log.info("%s: %d anomaly maps under %s/anomaly_maps/%s/%s", data.category, len(data.test), score_dir,
                      METHOD, data.category)
     aurocs = group_aurocs(scores.numpy(), data)
+    # the validation scores the fused CSAD needs: the checkpoint's (fp32), else (older checkpoints) this run's
+    val_scores = det.val_scores if det.val_scores is not None else groups.get("val")
     return {"category": data.category, "auroc": aurocs, "checkpoint": str(ckpt_path), "test_only": test_only,
-            **det.info}
+            "val_scores": val_scores, **det.info}
 
 
 train_students = train  # LGSTDetector.fit's parameter `train` shadows the function of that name
