@@ -1,7 +1,8 @@
-"""CSAD's deployable inference path (the official export, `Tokichan/CSAD export_model.py` / `models/onnx_model.py`): the backbone runs once per image and
-its layer1/layer2/layer3 maps feed both the component segmentor (layer1 + layer3) and the LGST teacher
-(layer2 + layer3). With a fitted Patch Histogram and the saved validation scores it also returns the fused
-score (trimmed z of each branch, summed), the same number benchmark_performance.py computes.
+"""CSAD's deployable inference path (the official export, `Tokichan/CSAD export_model.py` /
+`models/onnx_model.py`): the backbone runs once per image and its layer1/layer2/layer3 maps feed both the
+component segmentor (layer1 + layer3) and the LGST teacher (layer2 + layer3). With a fitted Patch Histogram and
+the saved validation scores it also returns the fused score (trimmed z of each branch, summed), the same number
+benchmark_performance.py computes.
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ FUSED_LAYERS = ("layer1", "layer2", "layer3")
 
 
 class FusedCSAD(nn.Module):
+    """The one-pass module; methods.csad.model.CSADModel is the model object (fit / predict / checkpoint) around it."""
+
     def __init__(self, backbone: nn.Module, segmentor: nn.Module, lgst: LGSTModel, patch_histogram=None,
-                 val_scores: dict[str, Sequence[float]] | None = None, resolution: int = 256):
-        """val_scores: {"LGST": ..., "patchhist": ...} validation image scores (the *_val_score.npy files)."""
+                 val_scores: dict[str, Sequence[float]] | None = None, *, resolution: int = 256):
+        """val_scores: {"LGST": ..., "patchhist": ...} validation image scores (the *_val_score.npy files).
+        resolution: the input size, also the segmentation output size (segmentor and LGST share the input)."""
         super().__init__()
         self.extractor = FeatureExtractor(backbone, FUSED_LAYERS)
         self.segmentor = segmentor.eval()
