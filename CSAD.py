@@ -6,7 +6,10 @@
     python CSAD.py --benchmark-speed --weights random   # batch-1 latency at 256 px
 
 Writes {ckpt-dir}/best_{category}.pth, {score-dir}/{category}_LGST_{logi,struc,val}_score.npy and TIFF maps
-under {score-dir}/anomaly_maps/LGST/. See docs/csad_lgst.md.
+under {score-dir}/anomaly_maps/LGST/, and, when the segmentor checkpoint of the category exists (train_segmentor.py
+at the same resolution: {ckpt-dir}/segmentor_{category}_{input size}.pth, or --segmentor-checkpoint), the fused
+CSAD model {ckpt-dir}/csad_{category}.pth (methods.csad.model.CSADModel; predict.py --checkpoint takes it).
+See docs/csad_lgst.md.
 """
 from __future__ import annotations
 
@@ -55,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="inference precision (default fp32 = exact; bf16 on the CPU, fp16 on a GPU: approximate)")
     g.add_argument("--no-maps", action="store_true", help="do not write TIFF anomaly maps")
+    g.add_argument("--segmentor-checkpoint", default=None,
+                   help="the stage-2 checkpoint to fuse with (one category; default "
+                        "{ckpt-dir}/segmentor_{category}_{input size}.pth when it exists)")
+    g.add_argument("--no-fused", action="store_true",
+                   help="do not write the fused CSAD model {ckpt-dir}/csad_{category}.pth")
     g.add_argument("--workers", type=int, default=0, help="data-loader workers for the penalty images")
     g.add_argument("--benchmark-speed", action="store_true",
                    help="only measure batch-1 latency (ms/img) after warm-up, at 256 px unless --input-size")
@@ -100,6 +108,7 @@ def main(argv=None) -> None:
 
             raise UserError(f"--checkpoint {args.checkpoint} is one category's checkpoint, but {len(categories)} "
                             f"categories are selected; pass --categories with one of them")
+        check_segmentor_checkpoint(args, categories)
     set_threads()
     seed_everything(args.seed)
     import torch
@@ -146,12 +155,69 @@ def main(argv=None) -> None:
                                 checkpoint=args.checkpoint, allow_unfinished=args.allow_unfinished)
         log.info("%s: LGST image AUROC %s", category,
                  ", ".join(f"{k} {v:.1f}%" for k, v in res["auroc"].items()) or "n/a (no labels)")
+        if not args.no_fused:
+            res["fused"] = write_fused(args, data, res, backbone=backbone, device=device, input_size=cfg.input_size)
         results.append(res)
         del data
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for r in results:
         log.info("%-22s LGST image AUROC %s", r["category"], "  ".join(f"{k} {v:.1f}%" for k, v in r["auroc"].items()))
+
+
+def check_segmentor_checkpoint(args, categories) -> None:
+    """An explicit --segmentor-checkpoint must exist and name one category, before any work."""
+    from pathlib import Path
+
+    from common.errors import UserError
+
+    if args.segmentor_checkpoint is None or args.no_fused or args.benchmark_speed:
+        return
+    if len(categories) != 1:
+        raise UserError(f"--segmentor-checkpoint {args.segmentor_checkpoint} is one category's checkpoint, but "
+                        f"{len(categories)} categories are selected; pass --categories with one of them")
+    if not Path(args.segmentor_checkpoint).is_file():
+        raise UserError(f"--segmentor-checkpoint {args.segmentor_checkpoint}: no such file; train it with "
+                        f"train_segmentor.py --categories {categories[0]}, or leave the flag out")
+    from common.cli import ensure_writable_dir
+
+    ensure_writable_dir(args.ckpt_dir, "--ckpt-dir")  # the fused model is written there, also by --test-only
+
+
+def write_fused(args, data, res: dict, *, backbone, device, input_size: int):
+    """{ckpt-dir}/csad_{category}.pth, the fused CSAD model (methods.csad.model.CSADModel), from the segmentor
+    checkpoint of this category and the LGST checkpoint just trained or used. Without a segmentor checkpoint it
+    says how to get one; an incompatible default one is skipped with a warning, an explicit one is an error."""
+    from pathlib import Path
+
+    from common.cli import ensure_writable_dir
+    from common.errors import CheckpointError, UserError
+    from common.memory import stage
+    from methods.csad.model import CSADModel, fused_path
+    from models.segmentor import segmentor_path
+
+    explicit = args.segmentor_checkpoint is not None
+    seg = Path(args.segmentor_checkpoint if explicit else segmentor_path(args.ckpt_dir, data.category, input_size))
+    out = fused_path(args.ckpt_dir, data.category)
+    if not seg.is_file():
+        log.info("%s: no segmentor checkpoint %s, so no fused CSAD model; to get %s, run train_segmentor.py "
+                 "--categories %s --resolution %d (same --backbone and --weights), then CSAD.py --test-only",
+                 data.category, seg, out, data.category, input_size)
+        return None
+    try:
+        with stage("fuse", category=data.category):
+            ensure_writable_dir(args.ckpt_dir, "--ckpt-dir")
+            model = CSADModel.from_parts(seg, res["checkpoint"], device=device, backbone=backbone,
+                                         lgst_val_scores=res.get("val_scores"))
+            model.save(out)
+    except (CheckpointError, UserError) as exc:
+        if explicit:
+            raise
+        log.warning("%s: fused CSAD model not written: %s", data.category, exc)
+        return None
+    log.info("%s: fused CSAD model (segmentor %s + LGST %s) written to %s", data.category, seg, res["checkpoint"],
+             out)
+    return str(out)
 
 
 if __name__ == "__main__":
