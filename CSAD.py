@@ -18,8 +18,10 @@ import json
 
 from common import get_logger, pick_device, seed_everything, set_threads
 from common.cli import REPO_ROOT, add_common_args, ensure_output_dirs, make_parser, resolve_categories
+from common.config import add_config_args, config_from_args
 from common.errors import guard
 from common.official import add_official_switch
+from methods.csad.lgst import LGSTConfig
 
 DATASET = "mvtec_loco"
 CATEGORIES = None  # None: every category of --dataset (MVTec LOCO: the five official ones)
@@ -36,27 +38,18 @@ log = get_logger("CSAD")
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_common_args(p, DATASET, CATEGORIES, BACKBONE, SEED)
-    g = p.add_argument_group("LGST")
-    g.add_argument("--iterations", type=int, default=None, help="training iterations (default 60000; --fast 300)")
-    g.add_argument("--input-size", type=int, default=None, help="input resolution (default 256; --fast 128)")
-    g.add_argument("--batch-size", type=int, default=2)
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4; --fast 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--no-padding", action="store_true", help="student without padding (official speed-test setting)")
+    g = p.add_argument_group("LGST run")
     g.add_argument("--penalty-dir", default=str(PENALTY_DIR),
                    help="natural-image folder for the penalty loss (searched recursively); default %(default)s")
     g.add_argument("--no-penalty", action="store_true", help="train without the penalty loss")
     g.add_argument("--select-on-test", action="store_true",
                    help="official behaviour: keep the iteration with the best test AUROC (default: final iteration)")
-    g.add_argument("--eval-freq", type=int, default=None, help="test evaluation interval with --select-on-test (1000)")
     g.add_argument("--test-only", action="store_true",
                    help="no training: score with {ckpt-dir}/best_{category}.pth (checked against this run's "
                         "settings) and write the same score files and maps")
     g.add_argument("--checkpoint", default=None, help="test only, with this checkpoint file (one category)")
     g.add_argument("--allow-unfinished", action="store_true",
                    help="with --test-only: accept a checkpoint of an unfinished run (warns)")
-    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="inference precision (default fp32 = exact; bf16 on the CPU, fp16 on a GPU: approximate)")
     g.add_argument("--no-maps", action="store_true", help="do not write TIFF anomaly maps")
     g.add_argument("--segmentor-checkpoint", default=None,
                    help="the stage-2 checkpoint to fuse with (one category; default "
@@ -68,9 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only measure batch-1 latency (ms/img) after warm-up, at 256 px unless --input-size")
     g.add_argument("--speed-runs", type=int, default=20)
     g.add_argument("--speed-warmup", type=int, default=5)
-    g.add_argument("--official-teacher-stats", action="store_true",
-                   help="official teacher normalisation: mean of per-batch channel means (batch 2, no drop_last), "
-                        "so with an odd image count the last image weighs double (default: the global mean)")
+    add_config_args(p, LGSTConfig, title="LGST settings (official values; --fast: the fast() preset; a flag given "
+                                         "here overrides both)")
     add_official_switch(p, OFFICIAL_FLAGS, help_extra="the official seed is unseeded and its penalty images come "
                         "from the HF hub; --seed and --penalty-dir still apply")
     return p
@@ -81,18 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_config(args):
-    from methods.csad.lgst import LGSTConfig
-
-    over = {k: v for k, v in dict(iterations=args.iterations, input_size=args.input_size, eval_freq=args.eval_freq,
-                                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay).items()
-            if v is not None}
-    if args.official_teacher_stats:
-        over["official_teacher_stats"] = True
-    if args.no_padding:
-        over["padding"] = False
-    if getattr(args, "dtype", "fp32") != "fp32":
-        over["dtype"] = args.dtype
-    return LGSTConfig.fast(**over) if args.fast else LGSTConfig(**over)
+    """LGSTConfig(), or LGSTConfig.fast() with --fast, then every LGST flag given explicitly."""
+    return config_from_args(LGSTConfig, args)
 
 
 @guard

@@ -64,7 +64,7 @@ class LGSTConfig:
     eval_freq: int = opt(1000, "test evaluation interval with --select-on-test")
     official_teacher_stats: bool = opt(False, "official teacher normalisation: mean of per-batch channel means "
                                               "(batch 2, no drop_last), so with an odd image count the last image "
-                                              "weighs double (default: the global mean)")
+                                              "weighs double (off: the global mean)")
     dtype: str = opt("fp32", "inference precision (bf16 / fp16 approximate; training is always fp32); not in the "
                              "checkpoint record", choices=("fp32", "bf16", "fp16"))
 
