@@ -152,7 +152,7 @@ def write_random_grounding(path: Path, bert_dir: Path, seed: int = 0) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ stage 1 costs
-def stage1_costs(image_path: str, *, sam_model: str, work: Path, category: str) -> dict:
+def stage1_costs(image_path: str, *, sam_model: str, work: Path, category: str, partial: Path | None = None) -> dict:
     """CSAD stage 1's paper-setting costs on one image, from parts: the SwinT-OGC Grounding DINO forward (random
     weights, bert-base-shaped text encoder), one HQ-SAM encoder pass, one AMG decoder batch (from AMG runs with 4x4
     and 8x8 points, no crop layer) and the box decoding per box; extrapolated to the official AMG settings
@@ -174,9 +174,13 @@ def stage1_costs(image_path: str, *, sam_model: str, work: Path, category: str) 
     out: dict = {"image": image_path, "image_hw": list(img.shape[:2]), "sam_model": sam_model}
 
     def rec(name, fn):
+        c0 = time.process_time()
         with stage(name) as r:
             res = fn()
-        out[name] = {"seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "rss_start_mb": r["rss_start_mb"]}
+        out[name] = {"seconds": r["seconds"], "cpu_s": time.process_time() - c0, "peak_rss_mb": r["peak_rss_mb"],
+                     "rss_start_mb": r["rss_start_mb"]}
+        if partial is not None:  # a later part may fail or be killed: keep what was measured
+            partial.write_text(json.dumps(out, indent=1))
         return res
 
     bert = write_bert_base(work / "models" / "bert-base-random", prompt_words())
@@ -188,20 +192,21 @@ def stage1_costs(image_path: str, *, sam_model: str, work: Path, category: str) 
     out["grounding_boxes"] = len(boxes)
     del gd
     sam = load_sam(sam_model, "random")
-    for pps in (4, 8):
-        amg = dict(paper.amg_params(), points_per_side=pps, crop_n_layers=0, pred_iou_thresh=0.0,
-                   stability_score_thresh=0.0)
-        seg = Segmenter(None, sam, amg)
-        rec(f"amg_{pps}x{pps}", lambda: seg.generate(img))
-    t_batch = (out["amg_8x8"]["seconds"] - out["amg_4x4"]["seconds"]) / 3  # 64 - 16 points = 3 batches of 16
-    t_enc = out["amg_4x4"]["seconds"] - t_batch
-    seg.predictor = seg.amg.predictor  # holds the full image's embedding after the last generate
+    seg = Segmenter(None, sam, paper.amg_params())
+    rec("sam_set_image", lambda: seg.predictor.set_image(img))  # one encoder pass
     h, w = img.shape[:2]
     rng = np.random.default_rng(0)
     for n in (8, 32):
         x0, y0 = rng.uniform(0, w / 2, n), rng.uniform(0, h / 2, n)
         b = np.stack([x0, y0, x0 + w / 4, y0 + h / 4], 1).astype(np.float32)
         rec(f"box_masks_{n}", lambda: seg.box_masks(img, b))
+    for pps in (4, 8):  # AMG = one encoder pass per crop + the point batches
+        amg = dict(paper.amg_params(), points_per_side=pps, crop_n_layers=0, pred_iou_thresh=0.0,
+                   stability_score_thresh=0.0)
+        seg = Segmenter(None, sam, amg)
+        rec(f"amg_{pps}x{pps}", lambda: seg.generate(img))
+    t_batch = (out["amg_8x8"]["seconds"] - out["amg_4x4"]["seconds"]) / 3  # 64 - 16 points = 3 batches of 16
+    t_enc = out["sam_set_image"]["seconds"]
     per_box_mb = (out["box_masks_32"]["peak_rss_mb"] - out["box_masks_8"]["peak_rss_mb"]) / 24
     per_box_s = (out["box_masks_32"]["seconds"] - out["box_masks_8"]["seconds"]) / 24
     crops = 1 + sum(4 ** k for k in range(1, paper.amg_crop_n_layers + 1))  # crop layer k: (2^k)^2 crops
@@ -211,6 +216,60 @@ def stage1_costs(image_path: str, *, sam_model: str, work: Path, category: str) 
                       "paper_amg_s_per_image": crops * t_enc + batches * t_batch,
                       "paper_s_per_image_without_descriptors": out["grounding_forward"]["seconds"] + t_enc
                       + crops * t_enc + batches * t_batch}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tensor peaks
+def exec_profiled(script_argv: Sequence[str], out_json: Path) -> int:
+    """Run a script (as __main__) under torch.profiler's memory recording and write the peak of the live tensor
+    bytes of the whole run and of each common.memory stage. The allocator-level counterpart of CUDA's
+    max_memory_allocated: every tensor the run allocates (weights, activations, autograd buffers, optimizer
+    state, features kept), without the allocator's block rounding, cuDNN workspaces or the CUDA context."""
+    import contextlib
+    import runpy
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    import common.memory as cm
+
+    original = cm.StageMeter.stage
+
+    @contextlib.contextmanager
+    def annotated(self, name, **info):
+        with record_function(f"stage::{name}"), original(self, name, **info) as rec:
+            yield rec
+
+    cm.StageMeter.stage = annotated
+    sys.argv = list(script_argv)
+    sys.path.insert(0, str(Path(script_argv[0]).resolve().parent))
+    code = 0
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        try:
+            runpy.run_path(script_argv[0], run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    res = tensor_peaks(prof.profiler.kineto_results.events())
+    res["rc"] = code
+    Path(out_json).write_text(json.dumps(res, indent=1))
+    return code
+
+
+def tensor_peaks(events) -> dict:
+    """Peak live tensor MiB overall and per "stage::<name>" annotation, from profiler [memory] events."""
+    import numpy as np
+
+    mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    stages = [(e.name()[len("stage::"):], e.start_ns(), e.end_ns()) for e in events
+              if e.name().startswith("stage::")]
+    t = np.array([m[0] for m in mem], dtype=np.int64)
+    live = np.cumsum([m[1] for m in mem], dtype=np.int64) if mem else np.zeros(0, np.int64)
+    out = {"peak_tensor_mb": float(live.max()) / 2 ** 20 if len(live) else 0.0, "stages": []}
+    for name, a, b in sorted(stages, key=lambda x: x[1]):
+        i, j = np.searchsorted(t, a), np.searchsorted(t, b, side="right")
+        before = float(live[i - 1]) if i > 0 else 0.0
+        peak = float(live[i:j].max()) if j > i else before
+        out["stages"].append({"stage": name, "tensor_start_mb": before / 2 ** 20, "peak_tensor_mb": peak / 2 ** 20,
+                              "seconds": (b - a) / 1e9})
     return out
 
 
@@ -238,21 +297,24 @@ def measure_limit(checkpoint: str, image_paths: Sequence[str], *, dtype: str = "
     n = len(images)
     with torch.inference_mode():
         model.predict(images[:1])  # warm-up (first-call allocations, lazy imports)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pred = model.predict(images)
-        t_predict = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_predict, c_predict = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         batches = [model.preprocess(images[i:i + batch]) for i in range(0, n, batch)]
-        t_pre = time.perf_counter() - t0
+        t_pre, c_pre = time.perf_counter() - t0, time.process_time() - c0
         model.forward_networks(batches[0])  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for b in batches:
             model.forward_networks(b)
-        t_net = time.perf_counter() - t0
+        t_net, c_net = time.perf_counter() - t0, time.process_time() - c0
     out = {"checkpoint": str(checkpoint), "method": meta.get("method"), "dtype": dtype, "images": n, "batch": batch,
            "threads": torch.get_num_threads(), "predict_s_per_image": t_predict / n,
            "preprocess_s_per_image": t_pre / n, "networks_s_per_image": t_net / n,
            "ratio_predict_to_networks": t_predict / t_net if t_net > 0 else None,
+           "predict_cpu_s_per_image": c_predict / n, "preprocess_cpu_s_per_image": c_pre / n,
+           "networks_cpu_s_per_image": c_net / n,
+           "cpu_ratio_predict_to_networks": c_predict / c_net if c_net > 0 else None,
            "scores": np.asarray(pred.scores, dtype=np.float64).tolist()}
     if profile:
         out["profile"] = _profile_predict(model, images)
@@ -344,6 +406,7 @@ class Run:
     phases: list[dict] = field(default_factory=list)
     log: str = ""
     error: str = ""
+    tensors: dict = field(default_factory=dict)  # exec_profiled's peaks (the "tensors" variant)
 
 
 class TreeSampler(threading.Thread):
@@ -622,8 +685,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sets", nargs="+", choices=SETS, default=None,
                    help="real (needs --data-root) and/or synthetic; default: real when --data-root, and synthetic")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--images", type=int, default=4, help="training images (test/validation: --test-images per type)")
+    p.add_argument("--images", type=int, default=8,
+                   help="training images of GLASS, PatchCore, SA-PatchCore (test/validation: --test-images per type)")
     p.add_argument("--test-images", type=int, default=2, help="test images per type and validation images")
+    p.add_argument("--slow-images", type=int, default=2, help="training images of SINBAD and CSAD")
+    p.add_argument("--slow-test-images", type=int, default=1, help="test images per type of SINBAD and CSAD")
     p.add_argument("--iterations", type=int, default=1, help="iterations / epochs of the trained steps")
     p.add_argument("--growth", action="store_true", help="also run 2x iterations and 2x images and compare")
     p.add_argument("--synthetic-size", type=int, default=1024, help="side of the generated images")
@@ -632,6 +698,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stage 1 with a random SwinT-OGC file and a bert-base-shaped BERT instead of the tiny "
                         "Grounding DINO (all 900 random queries pass: tens of GB in HQ-SAM's box decoding)")
     p.add_argument("--dtd-root", default=None, help="DTD images/ folder (GLASS textures, LGST penalty images)")
+    p.add_argument("--tensor-peaks", action="store_true",
+                   help="also run the base configuration under torch.profiler's memory recording: peak live tensor "
+                        "bytes per stage (the estimate of the GPU memory a run needs)")
     p.add_argument("--limits", action="store_true",
                    help="after the runs: each checkpoint's networks alone vs its predict, fp32 and bf16")
     p.add_argument("--limits-only", action="store_true",
@@ -656,10 +725,13 @@ def main(argv=None) -> dict:
         p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "rehearsal" / "work"))
         p.add_argument("--out", required=True, help="JSON file")
         a = p.parse_args(argv[1:])
-        res = stage1_costs(a.image, sam_model=a.sam_model, work=Path(a.work_dir), category=a.category)
+        res = stage1_costs(a.image, sam_model=a.sam_model, work=Path(a.work_dir), category=a.category,
+                           partial=Path(a.out))
         Path(a.out).write_text(json.dumps(res, indent=1))
         print(json.dumps(res["derived"], indent=1))
         return res
+    if argv[:1] == ["exec-profiled"]:  # exec-profiled OUT.json script.py [args...]
+        sys.exit(exec_profiled(argv[2:], Path(argv[1])))
     if argv[:1] == ["limit"]:
         p = argparse.ArgumentParser(prog="rehearse.py limit")
         p.add_argument("--checkpoint", required=True)
@@ -693,7 +765,7 @@ def main(argv=None) -> dict:
         bert = write_bert_base(work / "models" / "bert-base-random", prompt_words())
         grounding = write_random_grounding(work / "models" / "groundingdino_swint_ogc_random.pth", bert)
 
-    n_max = args.images * (2 if args.growth else 1)
+    n_max = max(method_images(m, args)[0] for m in args.methods) * (2 if args.growth else 1)
     sources = {}
     if "real" in sets:
         sources["real"] = ("mvtec_loco", Path(args.data_root) / args.category)
@@ -702,29 +774,41 @@ def main(argv=None) -> dict:
                                  size=args.synthetic_size, n_train=n_max,
                                  n_val=args.test_images, n_test=args.test_images, log=log)
         sources["synthetic"] = ("synthetic_loco", src)
-    variants = [("base", args.iterations, args.images)]
-    if args.growth:
-        variants += [("iters2", 2 * args.iterations, args.images), ("images2", args.iterations, 2 * args.images)]
+    variants = [("base", 1, 1)] + ([("iters2", 2, 1), ("images2", 1, 2)] if args.growth else [])
+    variants += [("tensors", 1, 1)] if args.tensor_peaks else []
 
     runs: list[Run] = []
     t_start = time.monotonic()
     for set_name, (dataset, src) in sources.items():
-        for variant, iters, n in ([] if args.limits_only else variants):
+        for variant, f_iter, f_img in ([] if args.limits_only else variants):
             vdir = work / set_name / variant
-            data_root = vdir / "data"
-            make_subset(src, data_root, n_train=n, n_val=args.test_images, n_test=args.test_images)
-            c = Context(set_name, variant, dataset, data_root, src.name, vdir, iters, n, args.dtd_root,
-                        grounding, bert, args.sam_model)
             for method in args.methods:
+                n, n_test = method_images(method, args)
+                n *= f_img
+                iters = args.iterations * f_iter
+                data_root = vdir / f"data_{n}_{n_test}"
+                if not data_root.is_dir():
+                    make_subset(src, data_root, n_train=n, n_val=n_test, n_test=n_test)
+                c = Context(set_name, variant, dataset, data_root, src.name, vdir, iters, n, args.dtd_root,
+                            grounding, bert, args.sam_model)
                 for step, argv in steps_for(method, c):
                     if variant == "iters2" and step not in ITERATIVE_STEPS:
                         if step == "pseudo_label":  # the base run's labels: stage 1 has no iteration count
                             _copy_tree(work / set_name / "base" / "masks", vdir / "masks")
                         continue
+                    if variant == "tensors":
+                        if step == "pseudo_label":  # its parts are profiled by stage1-costs
+                            _copy_tree(work / set_name / "base" / "masks", vdir / "masks")
+                            continue
+                        tjson = out / "tensors" / f"{set_name}_{method}_{step}.json"
+                        tjson.parent.mkdir(parents=True, exist_ok=True)
+                        argv = [PY, str(Path(__file__).resolve()), "exec-profiled", str(tjson), *argv[1:]]
                     r = Run(set_name, method, variant, step, argv, iterations=iters, images=n)
                     log("%s/%s/%s/%s: %s", set_name, method, variant, step, shlex.join(argv[1:]))
                     run_process(r, env=env, log_path=out / "logs" / f"{set_name}_{method}_{variant}_{step}.log",
                                 timeout_s=args.timeout)
+                    if variant == "tensors" and tjson.is_file():
+                        r.tensors = json.loads(tjson.read_text())
                     runs.append(r)
                     log("  exit %s, %.1f s wall, %.1f s CPU, peak RSS %.0f MiB%s", r.rc, r.wall_s, r.cpu_s,
                         r.maxrss_mb, "" if r.rc == 0 else "\n" + r.error)
@@ -736,7 +820,8 @@ def main(argv=None) -> dict:
         for set_name, (dataset, src) in sources.items():
             imgs = limit_images(src, args.limit_images)
             for method in args.methods:
-                for ck in sorted((work / set_name / "base" / "ckpt" / method).rglob("*.pth")):
+                ck_dir = work / set_name / "base" / "ckpt" / method
+                for ck in sorted(p for p in ck_dir.rglob("*.pt*") if p.suffix in (".pt", ".pth")):
                     limits += run_limits(ck, imgs, set_name=set_name, method=method, env=env, out=out,
                                          timeout_s=args.timeout, log=log)
                     _save(out, runs, args, limits=limits)
@@ -747,6 +832,14 @@ def main(argv=None) -> dict:
     res = _save(out, runs, args, grow, envd, limits)
     log("written %s and %s", out / "rehearsal.json", out / "rehearsal.md")
     return res
+
+
+def method_images(method: str, args) -> tuple[int, int]:
+    """(training images, test images per type = validation images) of a method's runs: SINBAD (30 crops per
+    image and deep level) and CSAD (HQ-SAM ViT-H, two encoder passes per image) on fewer."""
+    if method in ("sinbad", "csad"):
+        return args.slow_images, args.slow_test_images
+    return args.images, args.test_images  # 8: one GLASS batch at the paper's batch size
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
