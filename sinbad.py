@@ -250,7 +250,11 @@ def merge_unit_checkpoints(args, cfg: SinbadConfig, data, unit_scores: dict) -> 
     try:
         for u, p in paths.items():
             ck, meta = load_checked(p, expected, fix="re-run that unit with --units-only")
-            fit_id = (ck.get("units") or [{}])[0].get("fit_id")
+            held = [(s.get("level"), s.get("crops")) for s in ck.get("units") or []]
+            if held != [u]:
+                raise CheckpointError(f"{p} holds units {held}, not only L{u[0]}_c{u[1]}; re-run that unit with "
+                                      "--units-only")
+            fit_id = ck["units"][0].get("fit_id")
             if fit_id != unit_scores[u]["info"].get("fit_id"):
                 raise CheckpointError(f"{p} is not the fit its unit file {unit_path(args.score_dir, data.category, *u)}"
                                       " came from; re-run that unit with --units-only")

@@ -23,6 +23,18 @@ from methods.sinbad import (CanvasTransform, ShrunkWhitener, SinbadConfig, aspec
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread skips the thread hand-offs that dominate (and that stall on a busy machine);
+    sinbad.main() reads OMP_NUM_THREADS."""
+    n = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------- descriptor
 def numpy_descriptor(elements: np.ndarray, proj: np.ndarray, n_q: int, thresholds=None):
     z = elements @ proj  # (B, N, P)
@@ -189,6 +201,17 @@ def test_synthetic_separates_logical_anomalies(synthetic_root, lite0_weights, tm
     res2 = _run(common + ["--ensemble-only"])["synth_bottle"]
     assert res2 == res
     np.testing.assert_array_equal(load_scores("synth_bottle", "sinbad", "logi", groups["logi"], tmp_path), logi)
+    # the saved model (ckpt/sinbad/<dataset>/<category>.pth) re-scores every file bit for bit, without fitting
+    assert (tmp_path / "ckpt" / "sinbad" / "synthetic_loco" / "synth_bottle.pth").is_file()
+    assert _run(common + ["--test-only", "--score-dir", str(tmp_path / "t")])["synth_bottle"] == res
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.glob("*.npy"))
+    assert len(files) == 3 * 3 and sorted(p.relative_to(tmp_path / "t") for p in (tmp_path / "t").glob("*.npy")) == files
+    for f in files:
+        np.testing.assert_array_equal(np.load(tmp_path / f), np.load(tmp_path / "t" / f), err_msg=str(f))
+    for f in sorted((tmp_path / "sinbad_units").rglob("*.npz")):
+        with np.load(f) as a, np.load(tmp_path / "t" / f.relative_to(tmp_path)) as b:
+            np.testing.assert_array_equal(a["test"], b["test"])
+            np.testing.assert_array_equal(a["val"], b["val"])
 
 
 def test_clear_errors(synthetic_root, tmp_path):
@@ -259,7 +282,7 @@ def test_shared_backbone_pass_gives_each_levels_own_scores(synthetic_root):
     cfg = SinbadConfig.fast_config(canvas=128, set_res=64, projections=8, batch_size=4)  # 2 batches of train
     bb = load_backbone("efficientnet_lite0", "random")
     both = FeatureExtractor(bb, [DEEP_LAYERS[14], DEEP_LAYERS[7]])
-    shared = run_units(data, [7, 14], 4, cfg, both, torch.device("cpu"))
+    shared = run_units(data, [7, 14], 4, cfg, both, device=torch.device("cpu"))
     for lv in (7, 14):
         alone = run_unit(data, lv, 4, cfg, FeatureExtractor(bb, [DEEP_LAYERS[lv]]), torch.device("cpu"))
         np.testing.assert_array_equal(shared[lv]["test"], alone["test"])
