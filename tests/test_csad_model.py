@@ -179,9 +179,19 @@ def test_test_only_writes_the_same_fused_model_and_says_when_it_cannot(run, load
     assert f"fused CSAD model (segmentor {ckpt / f'segmentor_{CAT}_{SIZE}.pth'}" in caplog.text
     again, _ = load_model(ckpt / f"csad_{CAT}.pth", weights=args[args.index("--weights") + 1])
     np.testing.assert_array_equal(again.predict(ImageList(data.test)).scores, pred.scores)
+    # a default segmentor checkpoint that does not fit: a warning naming the difference, no fused file
+    seg = torch.load(ckpt / f"segmentor_{CAT}_{SIZE}.pth", weights_only=True)
+    torch.save({**seg, "meta": {**seg["meta"], "train_images": "3:0123456789abcdef"}},
+               ckpt / f"segmentor_{CAT}_{SIZE}.pth")
+    (ckpt / f"csad_{CAT}.pth").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        _main(CSAD, args)
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "fused CSAD model not written" in r.message]
+    assert warned and "different runs (train_images 3:0123456789abcdef vs 10:" in warned[0].message
+    assert not (ckpt / f"csad_{CAT}.pth").exists()
     # without the segmentor checkpoint: no fused file, and the log says how to get one
     (ckpt / f"segmentor_{CAT}_{SIZE}.pth").unlink()
-    (ckpt / f"csad_{CAT}.pth").unlink()
     caplog.clear()
     with caplog.at_level("INFO"):
         _main(CSAD, args)
@@ -262,14 +272,15 @@ def test_bf16_predict_is_finite_and_ranks_like_fp32(loaded):
     assert spearmanr(low.scores, pred.scores).statistic > 0.9
 
 
-def test_fit_gives_the_fusion_of_the_parts(run, lite0_weights):
-    """CSADModel.fit on PIL images: its scores are the trimmed-z sum of its parts' own predictions (their own
-    preprocessing and backbone passes), and a save/load round trip keeps them."""
+def test_fit_gives_the_fusion_of_the_parts(run):
+    """CSADModel.fit on PIL images (random weights: plumbing only): its scores are the trimmed-z sum of its parts'
+    own predictions (their own preprocessing and backbone passes), and a save/load round trip keeps them, with the
+    random backbone stored once in the file."""
     import cv2
 
     from dataset_readers import read_category
     from evaluation.fusion import fuse
-    from methods.base import ImageList, load_model
+    from methods.base import BACKBONE_STATE_KEY, ImageList, load_model
     from methods.csad import label_layout as layout
     from methods.csad.lgst import LGSTConfig
     from methods.csad.model import CSADModel
@@ -282,7 +293,9 @@ def test_fit_gives_the_fusion_of_the_parts(run, lite0_weights):
     sup = np.arange(5)
     labels = PseudoLabels(int(max(m.max() for m in maps)) + 1, sup, [maps[i] for i in sup],
                           backgrounds=[(maps[i] == 0).astype(np.uint8) * 255 for i in sup])
-    model = CSADModel.build(load_backbone(LITE0, lite0_weights),
+    with pytest.warns(UserWarning, match="random weights"):
+        backbone = load_backbone(LITE0, "random")
+    model = CSADModel.build(backbone,
                             lgst_cfg=LGSTConfig(input_size=SIZE, channels=16, student_width=8, ae_base=16,
                                                 iterations=3),
                             segmentor_cfg=SegmentorConfig(resolution=SIZE, epochs=2, sup_only_epochs=1,
@@ -297,6 +310,9 @@ def test_fit_gives_the_fusion_of_the_parts(run, lite0_weights):
     np.testing.assert_allclose(pred.scores, ref, rtol=0, atol=1e-6)
     path = run["out"] / "fit.pth"
     model.save(path, model.record(dataset="synthetic_loco", category=CAT, train_samples=data.train))
-    again, meta = load_model(path, weights=lite0_weights)
-    assert meta["method"] == "csad" and meta["train_images"].startswith("10:")
+    ckpt = torch.load(path, weights_only=True)
+    assert BACKBONE_STATE_KEY in ckpt and not any(BACKBONE_STATE_KEY in ckpt[p] for p in ("segmentor", "LGST"))
+    again, meta = load_model(path)
+    assert meta["method"] == "csad" and meta["train_images"].startswith("10:") and meta["weights_sha256"] == "RANDOM"
+    assert again.patchhist.backbone is again.lgst.backbone is not backbone
     np.testing.assert_array_equal(again.predict(test).scores, pred.scores)
