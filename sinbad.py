@@ -25,7 +25,7 @@ from common.memory import stage
 from common.official import add_official_switch
 from dataset_readers import read_category
 from evaluation.score_files import save_group_scores, scores_for_samples
-from methods.base import ImageList
+from methods.base import ImageList, reduced_precision
 from methods.sinbad import (PIXEL_LEVEL, SinbadConfig, SinbadModel, checkpoint_path, combine, ensemble,
                             load_unit, merge_checkpoints, narrowed_config, record_config, save_unit, timing_record,
                             unit_checkpoint_path, unit_groups, unit_path, unit_weights_sha, units_for,
@@ -93,6 +93,7 @@ def main(argv=None) -> dict:
     seed_everything(args.seed)
     cfg = make_config(args)
     device = pick_device(args.device)
+    reduced_precision(cfg.dtype, device)  # refuses fp16 on a CPU now, not after the fit
     units = units_for(cfg)
     backbone = None
     if not args.ensemble_only and any(lv != PIXEL_LEVEL for lv, _ in units):

@@ -296,10 +296,10 @@ def descriptor_width(level: int, cfg: SinbadConfig) -> int:
 def encode_units(images: Sequence[Any], groups: Sequence[tuple[Sequence[int], int]], cfg: SinbadConfig, extractor,
                  device: torch.device, *, projections: Mapping[tuple[int, int], list[torch.Tensor]],
                  thresholds: Mapping[tuple[int, int], list[torch.Tensor | None]], desc: str = "",
-                 sizes: dict | None = None) -> dict[tuple[int, int], torch.Tensor]:
+                 sizes: dict | None = None, dtype: str = "fp32") -> dict[tuple[int, int], torch.Tensor]:
     """One pass over the images -> {(level, crops): descriptors (N_img, K, R*P*Q) on the CPU}. Each image is read
-    once and each crop of a group goes through the backbone once. `thresholds[unit][k]` that are None are fitted
-    on the first batch (updated in place); `sizes` receives each unit's elements per set."""
+    once and each crop of a group goes through the backbone once (under `dtype`). `thresholds[unit][k]` that are
+    None are fitted on the first batch (updated in place); `sizes` receives each unit's elements per set."""
     from tqdm import tqdm
 
     for levels, n_crops in groups:
@@ -312,7 +312,8 @@ def encode_units(images: Sequence[Any], groups: Sequence[tuple[Sequence[int], in
             got: dict[int, int] = {}
             d = describe_levels(canvases, levels, n_crops, cfg, extractor,
                                 projections={lv: projections[(lv, n_crops)] for lv in levels},
-                                thresholds={lv: thresholds[(lv, n_crops)] for lv in levels}, sizes=got)
+                                thresholds={lv: thresholds[(lv, n_crops)] for lv in levels}, sizes=got,
+                                dtype=dtype)
             for lv in levels:
                 out[(lv, n_crops)].append(d[lv])
                 if sizes is not None:
@@ -362,9 +363,10 @@ def describe_canvases(canvases: torch.Tensor, level: int, n_crops: int, cfg: Sin
 
 def describe_levels(canvases: torch.Tensor, levels: Sequence[int], n_crops: int, cfg: SinbadConfig, extractor, *,
                     projections: dict[int, list[torch.Tensor]], thresholds: dict[int, list[torch.Tensor | None]],
-                    sizes: dict | None = None) -> dict[int, torch.Tensor]:
+                    sizes: dict | None = None, dtype: str | None = None) -> dict[int, torch.Tensor]:
     """describe_canvases for levels with one crop grid; one backbone pass per crop serves all deep levels. The
-    backbone runs under cfg.dtype (fp32: exact); the set elements are float32 whatever the precision."""
+    backbone runs under `dtype` (default cfg.dtype; fp32: exact); the set elements are float32 whatever the
+    precision."""
     grids = {(side, tuple(corners)) for side, corners in (unit_crops(lv, n_crops, cfg) for lv in levels)}
     if len(grids) != 1:
         raise ValueError(f"levels {list(levels)} with {n_crops} crops do not share a crop grid")
@@ -375,7 +377,7 @@ def describe_levels(canvases: torch.Tensor, levels: Sequence[int], n_crops: int,
         sets = crops_to_sets(canvases, y, x, side, cfg.set_res)
         feats = {}
         if deep:
-            with reduced_precision(cfg.dtype, canvases.device):
+            with reduced_precision(dtype or cfg.dtype, canvases.device):
                 feats = extractor(sets)
         for name, v in feats.items():  # one check per crop batch; NaN would silently become finite set counts
             require_finite(v, f"SINBAD {name} features", weights_cause(extractor.backbone))
@@ -396,7 +398,8 @@ def element_dim(level: int, extractor) -> int:
 
 def unit_projections(level: int, n_crops: int, cfg: SinbadConfig, dim: int) -> list[torch.Tensor]:
     """The K per-position projection matrices (dim, R*P) of a unit, on the CPU (repeats side by side)."""
-    return [torch.cat([projection_matrix(dim, cfg.n_projections(level), cfg.seed, level, n_crops, k, r)
+    return [torch.cat([projection_matrix(dim, cfg.n_projections(level), cfg.seed, level, n_crops,
+                                         position=k, rep=r)
                        for r in range(cfg.reps(level))], 1) for k in range(n_crops)]
 
 
@@ -533,14 +536,14 @@ class SinbadModel(AnomalyModel):
         for key in keys:
             n = sizes[key]
             counts = torch.round(train_d[key] * n).to(_count_dtype(n))
-            unit = _Unit(key[0], key[1], n, counts, thresholds[key], proj_sha[key], fit_device=self.device.type,
-                         projections=proj[key])
+            unit = _Unit(key[0], key[1], n, counts, thresholds=thresholds[key], projection_sha=proj_sha[key],
+                         fit_device=self.device.type, projections=proj[key])
             if not torch.equal(unit.train_descriptors(), train_d[key]):  # the saved counts must give these bits
                 raise RuntimeError(f"SINBAD L{key[0]} c{key[1]}: descriptors are not count / {n}")
             unit.whitening_sha = self._build_models(unit, train_d[key])
             self.units[key] = unit
         del train_d
-        self.validation_units = self.predict_units(validation, desc="SINBAD validation")
+        self.validation_units = self.predict_units(validation, desc="SINBAD validation", dtype="fp32")
         for key, m in unit_norms(self.validation_units, cfg).items():
             self.units[key].norm = m
             self.units[key].fit_id = self.units[key].identity()
@@ -566,8 +569,10 @@ class SinbadModel(AnomalyModel):
             raise FloatingPointError(f"SINBAD L{lv} c{unit.crops}: non-finite scores; check the images and --weights")
         return out.numpy()
 
-    def predict_units(self, images: Sequence[Any], *, desc: str = "SINBAD predict") -> dict[tuple[int, int], np.ndarray]:
-        """Raw per-position scores {(level, crops): (R, K, N)} of `images` (what a unit file holds)."""
+    def predict_units(self, images: Sequence[Any], *, desc: str = "SINBAD predict", dtype: str | None = None
+                      ) -> dict[tuple[int, int], np.ndarray]:
+        """Raw per-position scores {(level, crops): (R, K, N)} of `images` (what a unit file holds); the backbone
+        under `dtype` (default cfg.dtype, an inference-only setting: fit always runs in fp32)."""
         if not self.units:
             raise RuntimeError("SinbadModel is not fitted: call fit() or load a checkpoint")
         official = self.cfg.official_thresholds  # the official code re-fits on the first batch of every split
@@ -575,7 +580,7 @@ class SinbadModel(AnomalyModel):
         groups = unit_groups(list(self.units))
         d = encode_units(images, groups, self.cfg, self.extractor, self.device,
                          projections={key: u.projections for key, u in self.units.items()}, thresholds=thresholds,
-                         desc=desc)
+                         desc=desc, dtype=dtype or self.cfg.dtype)
         return {key: self._score(u, d[key]) for key, u in self.units.items()}
 
     @property
@@ -622,6 +627,16 @@ class SinbadModel(AnomalyModel):
         if any(lv != PIXEL_LEVEL for lv, _ in keys):
             ckpt.update(backbone_state_if_random(self.backbone))
         return ckpt
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs) -> "SinbadModel":
+        """AnomalyModel.load, with the file named in a refusal of the checkpoint's contents."""
+        try:
+            return super().load(path, **kwargs)
+        except CheckpointError as exc:
+            if str(path) in str(exc):
+                raise
+            raise CheckpointError(f"{path}: {exc}") from None
 
     @classmethod
     def from_checkpoint(cls, ckpt: Mapping, *, device: Any = "cpu", weights: Any = None, backbone=None,
@@ -675,7 +690,8 @@ class SinbadModel(AnomalyModel):
         if proj_sha != s["projection_sha"]:
             raise CheckpointError(f"the seeded projections of unit L{lv} c{c} come out differently with this "
                                   f"version of torch than when the checkpoint was made; {fix}")
-        unit = _Unit(lv, c, n, counts, list(thr.float().unbind(0)), proj_sha, norm=norm.double().numpy(),
+        unit = _Unit(lv, c, n, counts, thresholds=list(thr.float().unbind(0)), projection_sha=proj_sha,
+                     norm=norm.double().numpy(),
                      fit_device=str(s.get("fit_device")), fit_id=str(s.get("fit_id")), projections=proj)
         unit.whitening_sha = self._build_models(unit, unit.train_descriptors())
         if unit.whitening_sha != s.get("whitening_sha"):

@@ -162,7 +162,7 @@ def test_canvas_crops_and_quantisation():
 
 def test_validation_holdout_for_datasets_without_one():
     train = [Sample(f"/x/{i:03d}.png", "train") for i in range(20)]
-    data = CategoryData("mvtec_ad", "bottle", Path("/x"), train, [], [Sample("/x/t.png", "test")])
+    data = CategoryData("mvtec_ad", "bottle", Path("/x"), train, validation=[], test=[Sample("/x/t.png", "test")])
     held = with_validation(data, 0.1)
     assert len(held.validation) == 2 and len(held.train) == 18
     assert {s.path for s in held.validation}.isdisjoint(s.path for s in held.train)
@@ -220,6 +220,10 @@ def test_clear_errors(synthetic_root, tmp_path):
         _run(base + ["--categories", "synth_box", "--levels", "14", "--crops", "4", "--ensemble-only"])
     with pytest.raises(SystemExit, match="unknown category"):
         _run(base + ["--categories", "nope", "--levels", "224"])
+    with pytest.raises(SystemExit, match="fp16 needs a CUDA device"):  # before the fit, not after it
+        _run(base + ["--categories", "synth_box", "--levels", "224", "--dtype", "fp16", "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"checkpoint not found: .*synth_box\.pth; re-create it"):
+        _run(base + ["--categories", "synth_box", "--levels", "224", "--test-only", "--ckpt-dir", str(tmp_path / "c")])
     with pytest.raises(SystemExit, match="wide_resnet50_2-95faca4d.pth"):
         _run(base + ["--categories", "synth_box", "--levels", "7", "--crops", "1",
                      "--weights", str(tmp_path / "missing.pth")])
@@ -284,7 +288,7 @@ def test_shared_backbone_pass_gives_each_levels_own_scores(synthetic_root):
     both = FeatureExtractor(bb, [DEEP_LAYERS[14], DEEP_LAYERS[7]])
     shared = run_units(data, [7, 14], 4, cfg, both, device=torch.device("cpu"))
     for lv in (7, 14):
-        alone = run_unit(data, lv, 4, cfg, FeatureExtractor(bb, [DEEP_LAYERS[lv]]), torch.device("cpu"))
+        alone = run_unit(data, lv, 4, cfg, FeatureExtractor(bb, [DEEP_LAYERS[lv]]), device=torch.device("cpu"))
         np.testing.assert_array_equal(shared[lv]["test"], alone["test"])
         np.testing.assert_array_equal(shared[lv]["val"], alone["val"])
         assert shared[lv]["test"].shape == (1, 4, len(data.test)) and np.ptp(alone["test"]) > 0
