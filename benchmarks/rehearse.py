@@ -220,37 +220,57 @@ def stage1_costs(image_path: str, *, sam_model: str, work: Path, category: str, 
 
 
 # ------------------------------------------------------------------------------------------------ tensor peaks
-def exec_profiled(script_argv: Sequence[str], out_json: Path) -> int:
-    """Run a script (as __main__) under torch.profiler's memory recording and write the peak of the live tensor
-    bytes of the whole run and of each common.memory stage. The allocator-level counterpart of CUDA's
-    max_memory_allocated: every tensor the run allocates (weights, activations, autograd buffers, optimizer
-    state, features kept), without the allocator's block rounding, cuDNN workspaces or the CUDA context."""
+def exec_script(script_argv: Sequence[str], tensors_json: Path | None = None) -> int:
+    """Run a script as __main__ with every common.memory stage record extended by its CPU time (all threads of
+    the process); with `tensors_json`, under torch.profiler's memory recording, writing the peak of the live
+    tensor bytes of the whole run and of each stage there. That peak is the allocator-level counterpart of
+    CUDA's max_memory_allocated: every tensor the run allocates (weights, activations, autograd buffers,
+    optimizer state, features kept), without the allocator's block rounding, cuDNN workspaces or the CUDA
+    context."""
     import contextlib
     import runpy
-
-    from torch.profiler import ProfilerActivity, profile, record_function
 
     import common.memory as cm
 
     original = cm.StageMeter.stage
+    annotate = contextlib.nullcontext
+    if tensors_json is not None:
+        from torch.profiler import record_function
+
+        annotate = lambda name: record_function(f"stage::{name}")  # noqa: E731
 
     @contextlib.contextmanager
-    def annotated(self, name, **info):
-        with record_function(f"stage::{name}"), original(self, name, **info) as rec:
-            yield rec
+    def timed(self, name, **info):
+        c0 = time.process_time()
+        with annotate(name):
+            with original(self, name, **info) as rec:
+                try:
+                    yield rec
+                finally:  # inside the stage: its record is written when the block ends
+                    rec["cpu_s"] = time.process_time() - c0
 
-    cm.StageMeter.stage = annotated
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    cm.StageMeter.stage = timed
     sys.argv = list(script_argv)
     sys.path.insert(0, str(Path(script_argv[0]).resolve().parent))
     code = 0
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        try:
-            runpy.run_path(script_argv[0], run_name="__main__")
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    res = tensor_peaks(prof.profiler.kineto_results.events())
-    res["rc"] = code
-    Path(out_json).write_text(json.dumps(res, indent=1))
+    prof = None
+    if tensors_json is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    try:
+        with prof if prof is not None else contextlib.nullcontext():
+            try:
+                runpy.run_path(script_argv[0], run_name="__main__")
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        cm.StageMeter.stage, sys.argv, sys.path[:] = original, saved_argv, saved_path
+    if prof is not None:
+        res = tensor_peaks(prof.profiler.kineto_results.events())
+        res["rc"] = code
+        Path(tensors_json).write_text(json.dumps(res, indent=1))
     return code
 
 
@@ -464,6 +484,7 @@ def run_process(run: Run, *, env: dict, log_path: Path, timeout_s: float) -> Run
     t0 = time.monotonic()
     proc = subprocess.Popen(run.argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True)
+    _CHILDREN.add(proc.pid)
     sampler = TreeSampler(proc.pid)
     sampler.start()
 
@@ -479,6 +500,7 @@ def run_process(run: Run, *, env: dict, log_path: Path, timeout_s: float) -> Run
     killer = threading.Timer(timeout_s, lambda: _kill_group(proc.pid))
     killer.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    _CHILDREN.discard(proc.pid)
     killer.cancel()
     t1 = time.monotonic()
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -501,6 +523,16 @@ def run_process(run: Run, *, env: dict, log_path: Path, timeout_s: float) -> Run
         tail = [s for _, s in lines if s.strip()][-15:]
         run.error = ("timed out after %.0f s; " % timeout_s if run.rc in (-9, -15) else "") + "\n".join(tail)
     return run
+
+
+_CHILDREN: set[int] = set()  # running script process groups, ended with the rehearsal (see _stop)
+
+
+def _stop(signum, frame) -> None:
+    """SIGTERM / SIGINT: end the running script's process group too (it runs in a session of its own)."""
+    for pid in list(_CHILDREN):
+        _kill_group(pid)
+    sys.exit(128 + signum)
 
 
 PROGRESS = re.compile(r"\d+%\|")  # a progress-bar line: not a phase of its own
@@ -634,11 +666,14 @@ def growth(runs: Sequence[Run]) -> list[dict]:
 
 def markdown(runs: Sequence[Run], grow: Sequence[dict], env: dict, limits: Sequence[dict] = ()) -> str:
     lines = [f"Rehearsal: {env['load']}; {env['threads']} threads; weights random (scores meaningless).", ""]
-    lines += ["| set | method | variant | step | rc | wall s | CPU s | peak RSS MiB | stages (s / peak MiB) |",
+    lines += ["| set | method | variant | step | rc | wall s | CPU s | peak RSS MiB | stages (wall s / CPU s / peak RSS MiB) |",
               "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in runs:
-        st = ", ".join(f"{s['stage']} {s['seconds']:.1f}/{s['peak_rss_mb']:.0f}" for s in r.stages) or \
-            f"{len(r.phases)} log phases"
+        st = ", ".join(f"{s['stage']} {s['seconds']:.1f}/{s.get('cpu_s', float('nan')):.1f}/{s['peak_rss_mb']:.0f}"
+                       for s in r.stages) or f"{len(r.phases)} log phases"
+        if r.tensors:
+            st += "; tensor peaks MiB: " + ", ".join(f"{x['stage']} {x['peak_tensor_mb']:.0f}"
+                                                       for x in r.tensors.get("stages", []))
         lines.append(f"| {r.set} | {r.method} | {r.variant} | {r.step} | {r.rc} | {r.wall_s:.1f} | {r.cpu_s:.1f} | "
                      f"{r.maxrss_mb:.0f} | {st} |")
     if grow:
@@ -730,8 +765,10 @@ def main(argv=None) -> dict:
         Path(a.out).write_text(json.dumps(res, indent=1))
         print(json.dumps(res["derived"], indent=1))
         return res
+    if argv[:1] == ["exec"]:  # exec script.py [args...]
+        sys.exit(exec_script(argv[1:]))
     if argv[:1] == ["exec-profiled"]:  # exec-profiled OUT.json script.py [args...]
-        sys.exit(exec_profiled(argv[2:], Path(argv[1])))
+        sys.exit(exec_script(argv[2:], Path(argv[1])))
     if argv[:1] == ["limit"]:
         p = argparse.ArgumentParser(prog="rehearse.py limit")
         p.add_argument("--checkpoint", required=True)
@@ -745,6 +782,10 @@ def main(argv=None) -> dict:
         Path(a.out).write_text(json.dumps(res, indent=1))
         return res
     args = parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     sets = args.sets or ((["real"] if args.data_root else []) + ["synthetic"])
     if "real" in sets and not args.data_root:
         sys.exit("error: --sets real needs --data-root (an MVTec LOCO root holding %s)" % args.category)
@@ -766,13 +807,13 @@ def main(argv=None) -> dict:
         grounding = write_random_grounding(work / "models" / "groundingdino_swint_ogc_random.pth", bert)
 
     n_max = max(method_images(m, args)[0] for m in args.methods) * (2 if args.growth else 1)
+    t_max = max(method_images(m, args)[1] for m in args.methods) * (2 if args.growth else 1)
     sources = {}
     if "real" in sets:
         sources["real"] = ("mvtec_loco", Path(args.data_root) / args.category)
     if "synthetic" in sets:
-        src = generate_synthetic(work / f"synthetic_{args.synthetic_size}px_{n_max}_{args.test_images}",
-                                 size=args.synthetic_size, n_train=n_max,
-                                 n_val=args.test_images, n_test=args.test_images, log=log)
+        src = generate_synthetic(work / f"synthetic_{args.synthetic_size}px_{n_max}_{t_max}", size=args.synthetic_size,
+                                 n_train=n_max, n_val=t_max, n_test=t_max, log=log)
         sources["synthetic"] = ("synthetic_loco", src)
     variants = [("base", 1, 1)] + ([("iters2", 2, 1), ("images2", 1, 2)] if args.growth else [])
     variants += [("tensors", 1, 1)] if args.tensor_peaks else []
@@ -784,7 +825,7 @@ def main(argv=None) -> dict:
             vdir = work / set_name / variant
             for method in args.methods:
                 n, n_test = method_images(method, args)
-                n *= f_img
+                n, n_test = n * f_img, n_test * f_img  # fit grows with n, predict with the test images
                 iters = args.iterations * f_iter
                 data_root = vdir / f"data_{n}_{n_test}"
                 if not data_root.is_dir():
@@ -796,6 +837,7 @@ def main(argv=None) -> dict:
                         if step == "pseudo_label":  # the base run's labels: stage 1 has no iteration count
                             _copy_tree(work / set_name / "base" / "masks", vdir / "masks")
                         continue
+                    script_argv = argv
                     if variant == "tensors":
                         if step == "pseudo_label":  # its parts are profiled by stage1-costs
                             _copy_tree(work / set_name / "base" / "masks", vdir / "masks")
@@ -803,8 +845,10 @@ def main(argv=None) -> dict:
                         tjson = out / "tensors" / f"{set_name}_{method}_{step}.json"
                         tjson.parent.mkdir(parents=True, exist_ok=True)
                         argv = [PY, str(Path(__file__).resolve()), "exec-profiled", str(tjson), *argv[1:]]
+                    else:
+                        argv = [PY, str(Path(__file__).resolve()), "exec", *argv[1:]]
                     r = Run(set_name, method, variant, step, argv, iterations=iters, images=n)
-                    log("%s/%s/%s/%s: %s", set_name, method, variant, step, shlex.join(argv[1:]))
+                    log("%s/%s/%s/%s: %s", set_name, method, variant, step, shlex.join(script_argv[1:]))
                     run_process(r, env=env, log_path=out / "logs" / f"{set_name}_{method}_{variant}_{step}.log",
                                 timeout_s=args.timeout)
                     if variant == "tensors" and tjson.is_file():

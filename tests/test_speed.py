@@ -277,3 +277,44 @@ def test_rehearsal_spearman():
 
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+TOY = """
+import sys, torch
+from common.memory import stage
+with stage("a"):
+    x = torch.ones(1024, 1024, 8)  # 32 MiB
+    y = x * 2                      # +32 MiB live at once
+    del x, y
+with stage("b"):
+    z = torch.ones(1024, 1024, 4)  # 16 MiB, kept
+sys.exit(5)
+"""
+
+
+def test_rehearsal_tensor_peaks_per_stage(tmp_path, monkeypatch):
+    """exec_script under the profiler: the live-tensor peak of each stage is the known allocation, the CPU time
+    is added to the stage records, the script's exit code comes back, and the stage hook is restored."""
+    import json
+
+    import common.memory as cm
+    from benchmarks.rehearse import exec_script
+
+    script, out = tmp_path / "toy.py", tmp_path / "toy.json"
+    script.write_text(TOY)
+    hook = cm.StageMeter.stage
+    meter = cm.StageMeter()  # a meter of this test's own: the suite's stays off
+    monkeypatch.setattr(cm, "METER", meter)
+    meter.enable()
+    try:
+        assert exec_script([str(script)], out) == 5
+    finally:
+        meter._sampler.stop()
+    assert cm.StageMeter.stage is hook
+    res = json.loads(out.read_text())
+    peaks = {s["stage"]: s for s in res["stages"]}
+    assert peaks["a"]["peak_tensor_mb"] - peaks["a"]["tensor_start_mb"] == pytest.approx(64.0, abs=0.5)
+    assert peaks["b"]["peak_tensor_mb"] - peaks["b"]["tensor_start_mb"] == pytest.approx(16.0, abs=0.5)
+    assert res["peak_tensor_mb"] >= 64.0 and res["rc"] == 5
+    recs = meter.records
+    assert [r["stage"] for r in recs] == ["a", "b"] and all(r["cpu_s"] >= 0 for r in recs)
