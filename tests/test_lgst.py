@@ -142,6 +142,30 @@ def test_csad_official_switch_turns_on_every_official_flag():
     assert CSAD.make_config(CSAD.parse_args(["--official-teacher-stats", "--fast"])).official_teacher_stats
 
 
+def test_csad_settings_come_from_lgstconfig_fast_first_then_explicit_flags():
+    import dataclasses
+
+    import CSAD
+    from common.config import cli_fields
+
+    def cfg(*argv):
+        return CSAD.make_config(CSAD.parse_args(list(argv)))
+
+    assert cfg() == LGSTConfig() and cfg("--fast") == LGSTConfig.fast()
+    # an explicit flag wins over the preset, also when it equals the full default
+    assert cfg("--fast", "--iterations", "60000").iterations == 60000
+    assert cfg("--fast", "--input-size", "256", "--lr", "2e-4") == dataclasses.replace(LGSTConfig.fast(),
+                                                                                       input_size=256, lr=2e-4)
+    assert cfg("--no-padding").padding is False and cfg("--fast", "--padding").padding is True
+    assert cfg("--dtype", "bf16").dtype == "bf16" and cfg("--q-end", "0.99").q_end == 0.99
+    helptext = " ".join(CSAD.build_parser().format_help().split())
+    assert "training iterations (default 60000; --fast 1000)" in helptext
+    dests = {a.dest for a in CSAD.build_parser()._actions}
+    assert {f.name for f in cli_fields(LGSTConfig)} <= dests  # every setting is a flag
+    with pytest.raises(SystemExit):
+        CSAD.parse_args(["--dtype", "int8"])
+
+
 def test_color_augment_matches_torchvision():
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     out = lgst.color_augment(x, torch.Generator().manual_seed(7))
