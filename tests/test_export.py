@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from methods.patchcore import defaults_for, embed, score_embeddings
+from methods.patchcore import embed, score_embeddings
 from models.backbones import load_backbone
 from models.feature_extractor import FeatureExtractor
 
@@ -42,6 +42,11 @@ def _traced(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
 
 def _images(n: int, h: int, w: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _pil(seed: int, size=(40, 36)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 class Maps(nn.Module):
@@ -114,23 +119,28 @@ class PatchCoreScorer(nn.Module):
 
 
 @pytest.mark.parametrize("method,overrides", [
-    ("patchcore", dict(pretrain_dim=48, target_dim=32, num_nn=3)),
-    ("sapatchcore", dict(reweight=True, reweight_b=4)),
+    # with patchcore-inspection's BatchNorm update: the updated statistics are part of the export
+    ("patchcore", dict(resize=(40,), crop=32, pretrain_dim=48, target_dim=32, num_nn=3, official_bn_update=True)),
+    ("sapatchcore", dict(resize=(32, 32), crop=0, reweight=True, reweight_b=4)),
 ])
 def test_patchcore_scores_trace(method, overrides):
-    cfg = defaults_for(method, resize=(32, 32), crop=0, **overrides)
-    fe = FeatureExtractor(_backbone("resnet18"), cfg.layers)
-    emb = embed(fe, _images(3, 32, 32, 10), cfg)
-    bank = emb.reshape(-1, emb.shape[-1])[::2].contiguous()  # a small bank: every other training patch
-    scorer = PatchCoreScorer(fe, bank, cfg)
-    traced = _traced(scorer, _images(2, 32, 32, 0))
-    x = _images(2, 32, 32, 4)
-    want_patch, want_image = score_embeddings(embed(fe, x, cfg), bank, cfg, "torch")
+    from methods.patchcore import PatchCoreConfig, PatchCoreModel
+
+    cfg = PatchCoreConfig.preset(method, coreset_ratio=0.5, knn_backend="torch", **overrides)
+    model = PatchCoreModel(_backbone("resnet18"), cfg, device="cpu").fit([_pil(i) for i in range(3)],
+                                                                         progress=False)
+    scorer = PatchCoreScorer(model.extractor, model.bank, cfg)
+    traced = _traced(scorer, model.preprocess([_pil(10), _pil(11)]))
+    test = [_pil(20), _pil(21)]
+    x = model.preprocess(test)
     got_patch, got_image = traced(x)
+    want_patch, want_image = model.score_embeddings(model.embed(x))
     assert got_patch.shape == want_patch.shape == (2, 4, 4)
     torch.testing.assert_close(got_patch, want_patch, **TOL)
     torch.testing.assert_close(got_image, want_image, **TOL)
-    assert not torch.allclose(got_image[0], got_image[1])  # two different images, two different scores
+    want = model.predict(test, maps=False, progress=False).scores  # the public eager path, from the PIL images
+    np.testing.assert_allclose(got_image.numpy(), want, **TOL)
+    assert abs(want[0] - want[1]) > 0  # two different images, two different scores
 
 
 # ------------------------------------------------------------------------------------------------ GLASS
@@ -145,11 +155,6 @@ class GlassScorer(nn.Module):
     def forward(self, images):
         s = self.net.patch_scores(images)
         return s, s.flatten(1).amax(1)
-
-
-def _pil(seed: int, size=(40, 36)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 def test_glass_scores_trace():
