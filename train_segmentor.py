@@ -176,7 +176,7 @@ def main(argv=None) -> list[dict]:
     from common.provenance import start_from_args, weights_record  # the run record every score file carries
 
     start_from_args("patchhist", args, weights_record(backbone), {"args": args}, categories)
-    encoder = None if test_only else Encoder(backbone, device)  # one per backbone: its hooks stay on it
+    encoder = None if test_only else Encoder(backbone, device)  # one per backbone suffices
     results = [run_category(args, c, backbone=backbone, encoder=encoder, device=device, test_only=test_only)
                for c in categories]
     for r in results:

@@ -155,7 +155,7 @@ def test_extractor_stops_after_last_layer():
     assert list(feats) == ["layer3", "layer2"] and fired == []
     assert feats["layer2"].shape == (2, 128, 8, 8) and feats["layer3"].shape == (2, 256, 4, 4)
     assert not feats["layer2"].requires_grad
-    # the hooks work: asking for layer4 runs it (and still stops before fc)
+    # asking for layer4 runs it (and still stops before fc)
     FeatureExtractor(model, ["layer4"])(torch.randn(1, 3, 64, 64))
     assert fired == ["layer4"]
 
