@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,17 +237,74 @@ def test_sapatchcore_ranks_corrupted_images_above_good(synth_run, tmp_path):
     assert scores[len(good):].min() > scores[:len(good)].max(), scores
 
 
-def test_saved_bank_reproduces_scores(synth_run):
+def _outputs(score_dir, method: str) -> dict:
+    """Every score file and TIFF map of `method` under score_dir, by relative path."""
+    import tifffile
+
+    files = [f for f in sorted(score_dir.rglob("*.npy")) + sorted(score_dir.rglob("*.tiff"))
+             if f"_{method}_" in f.name or f"/{method}/" in str(f.relative_to(score_dir))]
+    return {str(f.relative_to(score_dir)): np.load(f) if f.suffix == ".npy" else tifffile.imread(f) for f in files}
+
+
+@pytest.mark.parametrize("method", ["patchcore", "sapatchcore"])
+def test_test_only_reproduces_score_files_and_maps_bit_for_bit(synth_run, method):
     root, out, common, res = synth_run
-    state = torch.load(out / "ckpt" / "patchcore_synth_box.pt", weights_only=True)
+    state = torch.load(out / "ckpt" / f"{method}_synth_box.pt", weights_only=True)
     n_train = len(read_category("synthetic_loco", "synth_box", root).train)
-    assert state["bank"].shape == (int(n_train * 14 * 14 * 0.1), 1024)  # 112 px crop, 14 x 14 patches, 10 %
-    assert state["config"]["coreset_ratio"] == 0.1 and state["config"]["sampler"] == "approx"
-    again = sapatchcore.main(common + ["--method", "patchcore", "--load-bank", "--no-maps", "--score-dir",
-                                       str(out / "again")])["synth_box"]
-    np.testing.assert_allclose(again.test_scores, res["patchcore"].test_scores, rtol=1e-6)
-    idx = json.loads((out / "again" / "synth_box_patchcore_struc_score.json").read_text())
-    assert len(idx["images"]) == len(idx["labels"])
+    ratio = {"patchcore": 0.1, "sapatchcore": 0.01}[method]
+    dim = {"patchcore": 1024, "sapatchcore": 40 + 112}[method]  # Lite0 layer2 + layer3 channels
+    assert state["bank"].shape == (int(n_train * 14 * 14 * ratio), dim)  # 112 px crop, 14 x 14 patches
+    assert state["config"]["coreset_ratio"] == ratio and state["meta"]["finished"] is True
+    again = sapatchcore.main(common + ["--method", method, "--test-only", "--score-dir",
+                                       str(out / f"again_{method}")])["synth_box"]
+    a, b = _outputs(out / "scores", method), _outputs(out / f"again_{method}", method)
+    assert sum(k.endswith(".npy") for k in a) == 3 and sum(k.endswith(".tiff") for k in a) == 24  # 8 per test folder
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert np.array_equal(again.test_scores, res[method].test_scores) and again.bank_size == len(state["bank"])
+    if method == "patchcore":  # --checkpoint FILE (implies --test-only; --ckpt-dir is not read)
+        named = sapatchcore.main(common + ["--method", method, "--no-maps", "--score-dir", str(out / "named"),
+                                           "--checkpoint", str(out / "ckpt" / "patchcore_synth_box.pt"),
+                                           "--ckpt-dir", str(out / "nothing")])["synth_box"]
+        assert np.array_equal(named.test_scores, res[method].test_scores)
+        assert np.array_equal(named.val_scores, res[method].val_scores)
+        idx = json.loads((out / "named" / "synth_box_patchcore_struc_score.json").read_text())
+        assert len(idx["images"]) == len(idx["labels"])
+
+
+def test_load_model_in_a_fresh_process_gives_the_score_files(synth_run):
+    """methods.base.load_model with only the bank file (weights found again by their hash), in another process:
+    the training run's scores and maps."""
+    import os
+    import subprocess
+    import sys
+
+    import tifffile
+
+    from evaluation.score_files import load_scores
+
+    root, out, _, _ = synth_run
+    path = out / "ckpt" / "sapatchcore_synth_box.pt"
+    code = (f"import numpy as np, torch; torch.set_num_threads({torch.get_num_threads()}); "
+            "from dataset_readers import read_category; from methods.base import ImageList, load_model; "
+            f"m, meta = load_model({str(path)!r}); d = read_category('synthetic_loco', 'synth_box', {str(root)!r}); "
+            "p = m.predict(ImageList(d.test)); "
+            f"np.save({str(out / 'fresh_scores.npy')!r}, p.scores); np.save({str(out / 'fresh_map.npy')!r}, p.maps[-1]); "
+            "print(meta['method'], type(m).__name__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["sapatchcore", "PatchCoreModel"]
+    data = read_category("synthetic_loco", "synth_box", root)
+    scores = np.load(out / "fresh_scores.npy")
+    pos = {s.path: i for i, s in enumerate(data.test)}
+    for g, samples in data.score_groups().items():
+        if g != "val":
+            saved = load_scores("synth_box", "sapatchcore", g, samples, out / "scores")
+            assert np.array_equal(saved, scores[[pos[s.path] for s in samples]]), g
+    tiff = tifffile.imread(anomaly_map_path("sapatchcore", "synth_box", data.test[-1], out / "scores"))
+    assert np.array_equal(np.load(out / "fresh_map.npy"), tiff)  # 128 x 128 resize: the map is the full image
 
 
 def test_clear_errors(synth_run, tmp_path):
