@@ -190,7 +190,8 @@ def write_fused(args, data, res: dict, *, backbone, device, input_size: int):
         with stage("fuse", category=data.category):
             ensure_writable_dir(args.ckpt_dir, "--ckpt-dir")
             model = CSADModel.from_parts(seg, res["checkpoint"], device=device, backbone=backbone,
-                                         lgst_val_scores=res.get("val_scores"))
+                                         lgst_val_scores=res.get("val_scores"),
+                                         allow_unfinished=args.allow_unfinished)
             model.save(out)
     except (CheckpointError, UserError) as exc:
         if explicit:

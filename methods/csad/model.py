@@ -245,7 +245,8 @@ class CSADModel(AnomalyModel):
     @classmethod
     def from_parts(cls, segmentor: str | Path | Mapping, lgst: str | Path | Mapping, *, device: Any = "cpu",
                    weights: Any = None, backbone: nn.Module | None = None,
-                   lgst_val_scores: Sequence[float] | None = None, cfg: CSADConfig | None = None) -> "CSADModel":
+                   lgst_val_scores: Sequence[float] | None = None, cfg: CSADConfig | None = None,
+                   allow_unfinished: bool = False) -> "CSADModel":
         """The fused model of a segmentor checkpoint (train_segmentor.py) and an LGST checkpoint (CSAD.py), each a
         path or a loaded dict. Both must be finished runs on the same dataset, category, training images,
         backbone and weights, at one resolution. `backbone`: an already built one to share (used when it holds
@@ -258,7 +259,8 @@ class CSADModel(AnomalyModel):
         metas = {}
         for name, ck, method, fix in ((seg_name, seg_ckpt, SEGMENTOR_METHOD, fix_seg),
                                       (lg_name, lg_ckpt, LGST_METHOD, fix_lgst)):
-            meta = check_meta(name, ck, {}, fix=fix)  # refuses a record-less or unfinished checkpoint
+            # refuses a record-less checkpoint, and an unfinished one unless allow_unfinished (then warns)
+            meta = check_meta(name, ck, {}, fix=fix, allow_unfinished=allow_unfinished, logger=log)
             if meta.get("method") != method:
                 raise CheckpointError(f"{name} is a {meta.get('method')} checkpoint, not a {method} one; pass the "
                                       f"{'segmentor' if method == SEGMENTOR_METHOD else 'LGST'} checkpoint there")
