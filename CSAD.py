@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "settings) and write the same score files and maps")
     g.add_argument("--checkpoint", default=None, help="test only, with this checkpoint file (one category)")
     g.add_argument("--allow-unfinished", action="store_true",
-                   help="with --test-only: accept a checkpoint of an unfinished run (warns)")
+                   help="with --test-only: accept a checkpoint of an unfinished run (warns); also the segmentor "
+                        "checkpoint of the fused model")
     g.add_argument("--no-maps", action="store_true", help="do not write TIFF anomaly maps")
     g.add_argument("--segmentor-checkpoint", default=None,
                    help="the stage-2 checkpoint to fuse with (one category; default "
