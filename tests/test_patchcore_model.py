@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -237,7 +238,7 @@ def test_impossible_settings_are_refused_in_one_line(tmp_path, capsys):
             sapatchcore.main(base + extra)
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert exc.value.code == 1 and len(err) == 1, extra
-        assert __import__("re").search(pattern, err[0]), err[0]
+        assert re.search(pattern, err[0]), err[0]
 
 
 def test_functions_with_more_than_five_parameters_are_keyword_only():
