@@ -236,3 +236,26 @@ def backbone_from_checkpoint(ckpt: Mapping, *, weights: str | Path | None = None
                               f"({meta.get('weights_file')}), but {model.weights_file} has "
                               f"{model.weights_sha256[:12]}…; pass the original file with --weights")
     return model
+
+
+def holds_state(backbone: Any, state: Mapping) -> bool:
+    """Whether `backbone` holds exactly these (random-weights) tensors."""
+    import torch
+
+    own = backbone.state_dict()
+    return all(k in own and torch.equal(own[k].detach().cpu(), v) for k, v in state.items())
+
+
+def check_backbone(meta: Mapping, backbone: Any, *, where: str = "the checkpoint", role: str = "given",
+                   fix: str = "pass the original file with --weights") -> None:
+    """Refuse a passed-in backbone that is not the one the checkpoint record names (backbone name, weights
+    sha256), in one CheckpointError line: `where` names the checkpoint, `role` the backbone, `fix` what to do."""
+    from common.errors import CheckpointError
+
+    name, sha = meta.get("backbone"), meta.get("weights_sha256")
+    have_name, have_sha = getattr(backbone, "backbone_name", None), getattr(backbone, "weights_sha256", None)
+    if name and have_name and name != have_name:
+        raise CheckpointError(f"{where} was made with backbone {name}, the {role} backbone is {have_name}")
+    if sha and have_sha and sha != have_sha:
+        raise CheckpointError(f"{where} was made with {name} weights sha256 {str(sha)[:12]}…, the {role} backbone "
+                              f"has {str(have_sha)[:12]}…; {fix}")

@@ -30,7 +30,7 @@ from common.errors import CheckpointError, UserError
 from dataset_readers import DatasetError
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform
 from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, Prediction, backbone_from_checkpoint,
-                          backbone_state_if_random, image_sizes, reduced_precision)
+                          backbone_state_if_random, check_backbone, image_sizes, reduced_precision)
 from methods.glass_las import LASDataset, as_images, image_names
 from methods.knn import NonFiniteError, check_features, weights_cause
 from methods.maps import resized_hw, uncrop, upsample_and_smooth
@@ -640,23 +640,13 @@ class GlassModel(AnomalyModel):
         if backbone is None or BACKBONE_STATE_KEY in ckpt:  # random weights: the checkpoint's own backbone
             backbone = backbone_from_checkpoint(ckpt, weights=weights)
         else:
-            _check_backbone(meta, backbone)
+            check_backbone(meta, backbone)
         cfg = GlassConfig.from_record(ckpt["config"])
         resize = ckpt.get("resize") or class_resize(str(meta.get("category", "")), cfg)  # older files: no "resize"
         model = cls(backbone, cfg, device=device, resize=resize)
         model.net.load_state(ckpt)
         model.svd, model.epoch, model.variant_source = ckpt.get("svd"), ckpt.get("epoch"), ckpt.get("variant_source")
         return model
-
-
-def _check_backbone(meta: Mapping, backbone: nn.Module) -> None:
-    name, sha = meta.get("backbone"), meta.get("weights_sha256")
-    have_name, have_sha = getattr(backbone, "backbone_name", None), getattr(backbone, "weights_sha256", None)
-    if name and have_name and name != have_name:
-        raise CheckpointError(f"the checkpoint was made with backbone {name}, the given backbone is {have_name}")
-    if sha and have_sha and sha != have_sha:
-        raise CheckpointError(f"the checkpoint was made with {name} weights sha256 {str(sha)[:12]}…, the given "
-                              f"backbone has {str(have_sha)[:12]}…; pass the original file with --weights")
 
 
 def glass_meta(backbone: nn.Module, cfg: GlassConfig, dataset: str, category: str, train=None, *,

@@ -30,7 +30,7 @@ from common.errors import CheckpointError, UserError
 from dataset_readers.base import DatasetError, image_size
 from dataset_readers.torch_data import imagenet_transform
 from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, ImageList, Prediction, backbone_from_checkpoint,
-                          backbone_state_if_random, image_sizes, reduced_precision)
+                          backbone_state_if_random, check_backbone, image_sizes, reduced_precision)
 from methods.knn import check_bank, check_features, knn
 from methods.maps import resized_hw, uncrop, upsample_and_smooth
 from models.feature_extractor import FeatureExtractor, local_patch_features
@@ -603,7 +603,7 @@ class PatchCoreModel(AnomalyModel):
         if backbone is None or BACKBONE_STATE_KEY in ckpt:  # random weights: the checkpoint's own backbone
             backbone = backbone_from_checkpoint(ckpt, weights=weights)
         else:
-            _check_backbone(meta, backbone, where)
+            check_backbone(meta, backbone, where=where)
         bn = ckpt.get(BN_STATE_KEY)
         if cfg.official_bn_update and isinstance(bn, Mapping):
             _load_buffers(backbone, bn, where)
@@ -613,16 +613,6 @@ class PatchCoreModel(AnomalyModel):
         model.bank = bank.to(model.device)
         model.n_train = int(ckpt.get("n_train") or 0)
         return model
-
-
-def _check_backbone(meta: Mapping, backbone: torch.nn.Module, where: str) -> None:
-    name, sha = meta.get("backbone"), meta.get("weights_sha256")
-    have_name, have_sha = getattr(backbone, "backbone_name", None), getattr(backbone, "weights_sha256", None)
-    if name and have_name and name != have_name:
-        raise CheckpointError(f"{where} was made with backbone {name}, the given backbone is {have_name}")
-    if sha and have_sha and sha != have_sha:
-        raise CheckpointError(f"{where} was made with {name} weights sha256 {str(sha)[:12]}…, the given backbone "
-                              f"has {str(have_sha)[:12]}…; pass the original file with --weights")
 
 
 # ----------------------------------------------------------------------------------------------- records

@@ -32,7 +32,7 @@ from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset
 from models.efficientad import AutoEncoder, LocalStudent
 from models.feature_extractor import FeatureExtractor
 from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, ImageList, Prediction, backbone_from_checkpoint,
-                          backbone_state_if_random, reduced_precision)
+                          backbone_state_if_random, check_backbone, holds_state, reduced_precision)
 from methods.knn import NonFiniteError, require_finite, weights_cause
 
 METHOD = "LGST"
@@ -596,15 +596,10 @@ class LGSTDetector(AnomalyModel):
         if missing:
             raise CheckpointError(f"not an LGST checkpoint (no {', '.join(missing)}); re-create it with CSAD.py")
         meta = ckpt.get(META_KEY) or {}
-        if backbone is None or (BACKBONE_STATE_KEY in ckpt and not _holds_state(backbone, ckpt[BACKBONE_STATE_KEY])):
+        if backbone is None or (BACKBONE_STATE_KEY in ckpt and not holds_state(backbone, ckpt[BACKBONE_STATE_KEY])):
             backbone = backbone_from_checkpoint(ckpt, weights=weights)  # random weights: the checkpoint's own
         else:
-            name, sha = meta.get("backbone"), meta.get("weights_sha256")
-            have = getattr(backbone, "backbone_name", None), getattr(backbone, "weights_sha256", None)
-            if (name and have[0] and name != have[0]) or (sha and have[1] and sha != have[1]):
-                raise CheckpointError(f"the checkpoint was made with {name} weights sha256 {str(sha)[:12]}…, the "
-                                      f"given backbone is {have[0]} {str(have[1])[:12]}…; pass the original "
-                                      f"file with --weights")
+            check_backbone(meta, backbone)
         net = LGSTModel.from_checkpoint(dict(ckpt), FeatureExtractor(backbone, TEACHER_LAYERS))
         det = cls(backbone, net.cfg, device=device, seed=int(ckpt.get("seed") or 0),
                   batch_size=int(ckpt.get("batch_size_infer") or 16), model=net.to(device).eval())
@@ -614,12 +609,6 @@ class LGSTDetector(AnomalyModel):
             det.val_scores = ckpt["val_scores"].numpy().astype(np.float32)
         det.meta = dict(meta)
         return det
-
-
-def _holds_state(backbone: nn.Module, state: Mapping) -> bool:
-    """Whether `backbone` holds exactly these (random) weights."""
-    own = backbone.state_dict()
-    return all(k in own and torch.equal(own[k].detach().cpu(), v) for k, v in state.items())
 
 
 # ----------------------------------------------------------------------------------------------- one category

@@ -28,7 +28,7 @@ from common.checkpoints import META_KEY, check_meta, checkpoint_meta
 from common.config import opt
 from common.errors import CheckpointError, UserError
 from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, Prediction, backbone_from_checkpoint,
-                          backbone_state_if_random, batched, reduced_precision)
+                          backbone_state_if_random, batched, check_backbone, holds_state, reduced_precision)
 from methods.csad.fused_inference import FusedCSAD
 from methods.csad.lgst import METHOD as LGST_METHOD
 from methods.csad.lgst import TEACHER_LAYERS, LGSTConfig, LGSTDetector, as_stack, to_input
@@ -278,9 +278,7 @@ class CSADModel(AnomalyModel):
                                   f"the backbone once on one input: train both at one size (train_segmentor.py "
                                   f"--resolution {size} or CSAD.py --input-size {res})")
         if backbone is not None and BACKBONE_STATE_KEY in lg_ckpt:
-            from methods.csad.lgst import _holds_state
-
-            if not _holds_state(backbone, lg_ckpt[BACKBONE_STATE_KEY]):
+            if not holds_state(backbone, lg_ckpt[BACKBONE_STATE_KEY]):
                 backbone = None  # random weights: the checkpoints' own
         if backbone is None:
             backbone = backbone_from_checkpoint(lg_ckpt, weights=weights)
@@ -307,17 +305,10 @@ def _shared_backbone(ckpt: Mapping, backbone: nn.Module | None, weights: Any) ->
     """The backbone of a fused checkpoint: `backbone` when it is the recorded one, else rebuilt."""
     meta = ckpt.get(META_KEY) or {}
     if backbone is not None:
-        from methods.csad.lgst import _holds_state
-
         if BACKBONE_STATE_KEY in ckpt:
-            if _holds_state(backbone, ckpt[BACKBONE_STATE_KEY]):
+            if holds_state(backbone, ckpt[BACKBONE_STATE_KEY]):
                 return backbone
         else:
-            name, sha = meta.get("backbone"), meta.get("weights_sha256")
-            have = getattr(backbone, "backbone_name", None), getattr(backbone, "weights_sha256", None)
-            if (name and have[0] and name != have[0]) or (sha and have[1] and sha != have[1]):
-                raise CheckpointError(f"the fused checkpoint was made with {name} weights sha256 {str(sha)[:12]}…, "
-                                      f"the given backbone is {have[0]} {str(have[1])[:12]}…; pass the original "
-                                      f"file with --weights")
+            check_backbone(meta, backbone, where="the fused checkpoint")
             return backbone
     return backbone_from_checkpoint(ckpt, weights=weights)

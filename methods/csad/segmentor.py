@@ -31,7 +31,7 @@ from common.errors import CheckpointError, NonFiniteError, UserError, require_fi
 from dataset_readers import CategoryData, image_size
 from dataset_readers.torch_data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform
 from methods.base import (BACKBONE_STATE_KEY, AnomalyModel, Prediction, backbone_from_checkpoint,
-                          backbone_state_if_random, batched, reduced_precision)
+                          backbone_state_if_random, batched, check_backbone, holds_state, reduced_precision)
 from methods.csad import label_layout as layout
 from methods.csad.patch_histogram import PatchHistogram, class_histograms
 from models.feature_extractor import FeatureExtractor
@@ -845,17 +845,9 @@ def _check_shared_backbone(ckpt: Mapping, backbone: torch.nn.Module) -> None:
     from common.provenance import RANDOM
 
     meta = ckpt.get(META_KEY) or {}
-    name, sha = meta.get("backbone"), meta.get("weights_sha256")
-    have_name, have_sha = getattr(backbone, "backbone_name", None), getattr(backbone, "weights_sha256", None)
-    if name and have_name and name != have_name:
-        raise CheckpointError(f"the checkpoint was made with backbone {name}, the shared backbone is {have_name}")
-    if sha and have_sha and sha != have_sha:
-        raise CheckpointError(f"the checkpoint was made with {name} weights sha256 {str(sha)[:12]}…, the shared "
-                              f"backbone has {str(have_sha)[:12]}…; pass the backbone built with those weights")
-    if sha == RANDOM and BACKBONE_STATE_KEY in ckpt:
-        own = backbone.state_dict()
-        same = all(k in own and torch.equal(own[k].detach().cpu(), v) for k, v in ckpt[BACKBONE_STATE_KEY].items())
-        if not same:
+    check_backbone(meta, backbone, role="shared", fix="pass the backbone built with those weights")
+    if meta.get("weights_sha256") == RANDOM and BACKBONE_STATE_KEY in ckpt:
+        if not holds_state(backbone, ckpt[BACKBONE_STATE_KEY]):
             raise CheckpointError("the checkpoint was made with other random backbone weights than the shared "
                                   "backbone's; pass backbone=None to rebuild them from the checkpoint")
 
