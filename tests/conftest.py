@@ -58,3 +58,15 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic_loco")
     generate(root, size=128, n_train=24, n_val=8, n_test=8, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread and OMP_NUM_THREADS=1 (read by the scripts' set_threads) for a test module: tiny tensors
+    run fastest without thread hand-offs, which also stall on a busy machine."""
+    n = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(n)

@@ -23,16 +23,7 @@ from methods.sinbad import (CanvasTransform, ShrunkWhitener, SinbadConfig, aspec
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread skips the thread hand-offs that dominate (and that stall on a busy machine);
-    sinbad.main() reads OMP_NUM_THREADS."""
-    n = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run fastest on one thread
 
 
 # ---------------------------------------------------------------------------------------------- descriptor
