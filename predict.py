@@ -47,18 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _set_dtype(model, dtype: str) -> None:
-    """The model's inference precision: every model object keeps it in its config's `dtype` field."""
-    cfgs = [getattr(model, "cfg", None), getattr(model, "config", None)]
-    cfg = next((c for c in cfgs if c is not None and hasattr(c, "dtype")), None)
-    if cfg is None:
-        if dtype != "fp32":
-            raise UserError(f"--dtype {dtype}: this {type(model).__name__} has no reduced-precision path; use fp32")
-        return
-    cfg.dtype = dtype
-    for sub in ("lgst", "patchhist", "parts"):  # composite models (CSAD) hold sub-models with their own config
-        inner = getattr(model, sub, None)
-        if inner is not None and hasattr(getattr(inner, "cfg", None), "dtype"):
-            inner.cfg.dtype = dtype
+    """The model's inference precision: every model object keeps it in its config's `dtype` field (methods.base)."""
+    if dtype != "fp32":
+        from methods.base import reduced_precision
+
+        reduced_precision(dtype, model.device)  # fp16 on the CPU is refused now, before any image is read
+    model.cfg.dtype = dtype
 
 
 def _set_batch_size(model, n: int) -> None:

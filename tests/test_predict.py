@@ -164,3 +164,9 @@ def test_predict_glass_checkpoint_gives_the_score_files(tiny_root, lite0_weights
     _check_against_score_files(tiny_root, tmp_path / "s", "glass", tmp_path / "o", maps=True)
     run_json = (tmp_path / "o" / "run.json").read_text()
     assert '"method": "glass"' in run_json and "weights_sha256" in run_json
+    # fp16 on the CPU: refused in one line before any image is scored
+    res = run(["predict.py", "--checkpoint", str(ckpt), "--images", str(test_dir), "--out", str(tmp_path / "o16"),
+               "--device", "cpu", "--dtype", "fp16"], check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "error: --dtype fp16 needs a CUDA device; use --dtype bf16 on the CPU"
+    assert not (tmp_path / "o16" / "scores.csv").exists()
