@@ -121,7 +121,7 @@ class _Writer:
         import numpy as np
 
         from evaluation.predictions import relative_name, write_map
-        from methods.base import map_at_size
+        from evaluation.score_files import map_at_size
 
         extra = pred.extra or {}
         for k in extra:

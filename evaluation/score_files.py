@@ -163,7 +163,6 @@ def save_anomaly_maps(method: str, category: str, samples: Sequence[Sample], map
     """Write one float32 TIFF per test sample; maps (N, h, w) are bilinearly resized to each image's size."""
     import tifffile
     import torch
-    import torch.nn.functional as F
 
     from dataset_readers.base import image_size
 
@@ -171,12 +170,22 @@ def save_anomaly_maps(method: str, category: str, samples: Sequence[Sample], map
     if maps.ndim != 3 or len(maps) != len(samples):
         raise ScoreFileError(f"{method}/{category}: expected maps of shape (N={len(samples)}, h, w), got {tuple(maps.shape)}")
     for sample, m in zip(samples, maps):
-        if original_size:
-            w, h = image_size(sample.path)
-            if m.shape != (h, w):
-                m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        m = map_at_size(m, image_size(sample.path)) if original_size else m.numpy()
         with atomic_path(anomaly_map_path(method, category, sample, score_dir), suffix=".tiff") as tmp:
-            tifffile.imwrite(tmp, m.numpy().astype(np.float32))
+            tifffile.imwrite(tmp, m.astype(np.float32))
+
+
+def map_at_size(m, size_wh: tuple[int, int]) -> np.ndarray:
+    """Bilinear (align_corners=False) resize of a 2-D map to (width, height) = the original image size; float32.
+    The one resize behind every TIFF map (score files and predict.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    w, h = size_wh
+    t = torch.as_tensor(np.asarray(m, dtype=np.float32))
+    if t.shape != (h, w):
+        t = F.interpolate(t[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    return t.numpy()
 
 
 def load_anomaly_map(method: str, category: str, sample: Sample, score_dir: str | Path = DEFAULT_SCORE_DIR) -> np.ndarray:

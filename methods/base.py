@@ -12,7 +12,8 @@ fits, saves, predicts, writes score files and maps). Images are any random-acces
 project's robust decoder, so a corrupt file fails with its path.
 
 Maps: `Prediction.maps[i]` is a 2-D float32 map covering the whole of image i (the crop undone), at the model's
-resolution with image i's aspect ratio; writers resize it to the original size (`map_at_size`).
+resolution with image i's aspect ratio; writers resize it to the original size
+(`evaluation.score_files.map_at_size`).
 """
 from __future__ import annotations
 
@@ -154,18 +155,6 @@ def load_model(path: str | Path, *, device: Any = "cpu", allow_unfinished: bool 
     ckpt, meta = _load(path, None, "", allow_unfinished)
     cls = model_class(str(meta.get("method")))
     return cls.from_checkpoint(ckpt, device=device, **kwargs), meta
-
-
-def map_at_size(m: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
-    """Bilinear (align_corners=False) resize of a 2-D map to (width, height) = the original image size."""
-    import torch
-    import torch.nn.functional as F
-
-    w, h = size_wh
-    t = torch.as_tensor(np.asarray(m, dtype=np.float32))
-    if t.shape != (h, w):
-        t = F.interpolate(t[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    return t.numpy()
 
 
 def batched(n: int, batch_size: int) -> list[range]:

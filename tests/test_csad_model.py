@@ -122,7 +122,7 @@ def test_fused_score_is_the_benchmark_fusion_of_the_score_files(run, loaded):
 
 def test_maps_are_the_lgst_maps(run, loaded):
     from evaluation.score_files import load_anomaly_map
-    from methods.base import map_at_size
+    from evaluation.score_files import map_at_size
 
     model, _, data, pred = loaded
     assert len(pred.maps) == len(data.test) and pred.maps[0].shape == (SIZE, SIZE)
