@@ -70,3 +70,13 @@ def one_thread():
         torch.set_num_threads(1)
         yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _no_run_record_from_an_earlier_test():
+    """A script's main() records its run for the rest of its process (common.provenance); tests call several
+    main()s in one process, so a test that writes score files itself must not inherit another test's record."""
+    import common.provenance as provenance
+
+    provenance._CURRENT = None
+    yield
