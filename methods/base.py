@@ -124,7 +124,7 @@ class AnomalyModel(abc.ABC):
 
 
 def _load(path, expected, fix, allow_unfinished) -> tuple[dict, dict]:
-    from common.checkpoints import META_KEY, check_meta, load_checked
+    from common.checkpoints import check_meta, load_checked
     from common.errors import CheckpointError
     from common.io import load_checkpoint
 
@@ -136,8 +136,7 @@ def _load(path, expected, fix, allow_unfinished) -> tuple[dict, dict]:
     ckpt = load_checkpoint(path, map_location="cpu", hint=fix)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path} is not a checkpoint of this project (it holds a {type(ckpt).__name__}); {fix}")
-    meta = check_meta(path, ckpt, {}, fix=fix, allow_unfinished=allow_unfinished)
-    return dict(ckpt), dict(meta if meta else ckpt.get(META_KEY, {}))
+    return dict(ckpt), check_meta(path, ckpt, {}, fix=fix, allow_unfinished=allow_unfinished)
 
 
 def model_class(method: str) -> type[AnomalyModel]:
