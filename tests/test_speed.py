@@ -215,7 +215,7 @@ sys.path.insert(0, {repo!r})
 from common.memory import stage
 print("first", flush=True)
 with stage("alloc", images=3):
-    a = np.ones(300 * 2 ** 20 // 8)
+    a = np.ones(800 * 2 ** 20 // 8)
     time.sleep(0.4)
     del a
 print("second", flush=True)
@@ -227,7 +227,7 @@ sys.exit({rc})
 
 
 def test_rehearsal_process_measurement(tmp_path):
-    """A child that allocates 300 MiB in a stage and burns 0.3 s of CPU: the wait4 peak, the stage record, the
+    """A child that allocates 800 MiB in a stage and burns 0.3 s of CPU: the wait4 peak, the stage record, the
     sampled phase peak, the CPU time and the exit code are all seen."""
     from benchmarks.rehearse import REPO, Run, run_process
 
@@ -236,14 +236,15 @@ def test_rehearsal_process_measurement(tmp_path):
     r = run_process(Run("s", "m", "base", "child", [sys.executable, str(script)]), env={},
                     log_path=tmp_path / "child.log", timeout_s=60)
     assert r.rc == 3 and "second" in r.error
-    assert r.maxrss_mb >= 300 and r.cpu_s >= 0.3 and r.wall_s >= 0.7
+    assert r.maxrss_mb >= 800 and r.cpu_s >= 0.3 and r.wall_s >= 0.7
     assert [s["stage"] for s in r.stages] == ["alloc"] and r.stages[0]["images"] == 3
-    assert r.stages[0]["peak_rss_mb"] - r.stages[0]["rss_start_mb"] >= 290
+    assert r.stages[0]["peak_rss_mb"] - r.stages[0]["rss_start_mb"] >= 790
     first = next(p for p in r.phases if p["line"] == "first")
     second = next(p for p in r.phases if p["line"] == "second")
-    # the sampled peak of the phase after "first" holds the allocation; the phase after "second" does not
+    # the sampled peak of the phase after "first" holds the allocation; the phase after "second" does not (the
+    # interpreter grows by 100-200 MiB after the stage on a loaded machine, hence a margin well under 800)
     assert first["peak_mb"] >= r.stages[0]["peak_rss_mb"] - 20 and first["seconds"] >= 0.4
-    assert first["peak_mb"] - second["peak_mb"] >= 150
+    assert first["peak_mb"] - second["peak_mb"] >= 400
     # a run past its time limit is killed and says so
     script.write_text("import time\nprint('start', flush=True)\ntime.sleep(30)\n")
     r = run_process(Run("s", "m", "base", "slow", [sys.executable, str(script)]), env={},
