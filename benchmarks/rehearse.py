@@ -196,7 +196,7 @@ def stage1_costs(image_path: str, *, sam_model: str, work: Path, category: str, 
     rec("sam_set_image", lambda: seg.predictor.set_image(img))  # one encoder pass
     h, w = img.shape[:2]
     rng = np.random.default_rng(0)
-    for n in (8, 32):
+    for n in (8, 32, 256):  # 256 = 4 decoder calls of Segmenter.box_chunk: the peak stays bounded
         x0, y0 = rng.uniform(0, w / 2, n), rng.uniform(0, h / 2, n)
         b = np.stack([x0, y0, x0 + w / 4, y0 + h / 4], 1).astype(np.float32)
         rec(f"box_masks_{n}", lambda: seg.box_masks(img, b))
@@ -216,8 +216,9 @@ def stage1_costs(image_path: str, *, sam_model: str, work: Path, category: str, 
                                "paper_amg_per_image": crops * t_enc + batches * t_batch,
                                "paper_per_image_without_descriptors": out["grounding_forward"][key] + t_enc
                                + crops * t_enc + batches * t_batch}
-    out["derived"]["box_decode_mb_per_box"] = (out["box_masks_32"]["peak_rss_mb"]
-                                               - out["box_masks_8"]["peak_rss_mb"]) / 24
+    out["derived"]["box_decode_mb_per_box"] = (out["box_masks_256"]["peak_rss_mb"]
+                                               - out["box_masks_32"]["peak_rss_mb"]) / 224
+    out["derived"]["box_chunk"] = Segmenter.box_chunk
     return out
 
 
@@ -618,7 +619,8 @@ def steps_for(method: str, c: Context) -> list[tuple[str, list[str]]]:
 # with fewer points and no crop layer, and keeps every mask (random weights' quality scores are meaningless, as
 # --fast does); stage1_costs() measures the per-pass and per-batch costs that extrapolate to the paper settings.
 # Grounding DINO runs as the tiny random model: the random SwinT-OGC scores all 900 queries ~1.0 (every box
-# passes the threshold and HQ-SAM then decodes 900 boxes at once); its own forward pass is in stage1_costs().
+# passes the threshold and HQ-SAM then decodes 900 boxes, Segmenter.box_chunk per call); its own forward pass
+# is in stage1_costs().
 STAGE1_SUBSTITUTE = ["--amg-points-per-side", "8", "--amg-crop-n-layers", "0", "--amg-pred-iou-thresh", "0",
                      "--amg-stability-score-thresh", "0"]
 ITERATIVE_STEPS = {"train_segmentor", "CSAD", "glass"}  # the steps whose cost scales with c.iterations

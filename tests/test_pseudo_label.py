@@ -588,6 +588,28 @@ def test_segmenter_paths_on_tiny_models(tiny_grounding):
     assert ((res.refined_masks > 0) <= (res.all_masks > 0)).all()
 
 
+def test_box_masks_in_chunks_equal_one_decoder_call():
+    """box_masks decodes `box_chunk` boxes per call (bounded memory): the masks equal one call for all boxes."""
+    from models.sam_loader import load_sam
+    from methods.csad.pseudo_label.segment import Segmenter
+
+    amg = PseudoLabelConfig(amg_points_per_side=2).amg_params()
+    seg = Segmenter(None, load_sam(checkpoint="tiny"), amg)
+    img = np.random.default_rng(2).integers(0, 255, (60, 72, 3), dtype=np.uint8)
+    seg.predictor.set_image(img)
+    rng = np.random.default_rng(3)
+    xy0 = rng.uniform(0, 40, (7, 2))
+    boxes = np.concatenate([xy0, xy0 + rng.uniform(5, 30, (7, 2))], 1).astype(np.float32)
+    seg.box_chunk = 1000
+    whole = seg.box_masks(img, boxes)
+    seg.box_chunk = 3  # 3 + 3 + 1
+    chunked = seg.box_masks(img, boxes)
+    assert whole.shape == (7, 60, 72) and whole.dtype == chunked.dtype == bool
+    assert whole.any() and not whole.all()  # the comparison has both values to get wrong
+    np.testing.assert_array_equal(chunked, whole)
+    assert seg.box_masks(img, np.zeros((0, 4), np.float32)).shape == (0, 60, 72)
+
+
 def test_models_load_once_and_build_each_categorys_segmenter_and_descriptor(lite0_weights):
     """Settings may differ per category: the models are loaded once, the cheap wrappers follow the settings."""
     from pseudo_label import Models, parse_args

@@ -41,6 +41,11 @@ def _amg_class():
 class Segmenter:
     """Holds the models; `segment(image, cfg)` runs both steps on one RGB uint8 image."""
 
+    # Boxes per HQ-SAM decoder call. Each box decodes independently, so chunks give the same masks; one call
+    # for all boxes holds (boxes x H x W) float logits at full resolution (Grounding DINO may return up to
+    # 900 boxes: >20 GB on an 800 x 1600 LOCO image).
+    box_chunk = 64
+
     def __init__(self, grounder, sam, amg_params: dict, *, official_background_match: bool = False,
                  amg_for_no_sam: bool = False):
         from segment_anything_hq import SamPredictor
@@ -53,15 +58,20 @@ class Segmenter:
 
     @torch.no_grad()
     def box_masks(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> np.ndarray:
-        """HQ-SAM masks for all boxes in one decoder call (multimask_output=False, hq_token_only=False)."""
+        """(boxes, H, W) bool HQ-SAM masks (multimask_output=False, hq_token_only=False), `box_chunk` boxes
+        per decoder call."""
         h, w = image.shape[:2]
         if len(boxes_xyxy) == 0:
             return M.empty_stack((h, w))
         device = self.predictor.device
         boxes = self.predictor.transform.apply_boxes_torch(torch.as_tensor(boxes_xyxy, device=device), (h, w))
-        out, _, _ = self.predictor.predict_torch(point_coords=None, point_labels=None, boxes=boxes,
-                                                 multimask_output=False, hq_token_only=False)
-        return out[:, 0].cpu().numpy()
+        out = np.empty((len(boxes), h, w), bool)
+        for i in range(0, len(boxes), self.box_chunk):
+            masks, _, _ = self.predictor.predict_torch(point_coords=None, point_labels=None,
+                                                       boxes=boxes[i:i + self.box_chunk], multimask_output=False,
+                                                       hq_token_only=False)
+            out[i:i + self.box_chunk] = masks[:, 0].cpu().numpy()
+        return out
 
     @torch.no_grad()
     def sam_background(self, image: np.ndarray) -> np.ndarray:
