@@ -170,3 +170,32 @@ def test_predict_glass_checkpoint_gives_the_score_files(tiny_root, lite0_weights
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == "error: --dtype fp16 needs a CUDA device; use --dtype bf16 on the CPU"
     assert not (tmp_path / "o16" / "scores.csv").exists()
+
+
+@pytest.mark.parametrize("method", ["patchcore", "sapatchcore"])
+def test_predict_patchcore_bank_gives_the_score_files(method, tiny_root, lite0_weights, tmp_path):
+    """sapatchcore.py builds the bank and scores; predict.py on the test folder, from the bank alone, in a
+    fresh process, gives the same image scores and maps."""
+    run(["sapatchcore.py", "--method", method, "--dataset", "synthetic_loco", "--data-root", str(tiny_root),
+         "--categories", CATEGORY, "--fast", "--backbone", "efficientnet_lite0", "--weights", str(lite0_weights),
+         "--device", "cpu", "--ckpt-dir", str(tmp_path / "c"), "--score-dir", str(tmp_path / "s")])
+    (ckpt,) = list((tmp_path / "c").rglob(f"{method}_{CATEGORY}.pt"))
+    run(["predict.py", "--checkpoint", str(ckpt), "--images", str(tiny_root / CATEGORY / "test"), "--out",
+         str(tmp_path / "o"), "--device", "cpu", "--threads", "1"])
+    _check_against_score_files(tiny_root, tmp_path / "s", method, tmp_path / "o", maps=True)
+    assert f'"method": "{method}"' in (tmp_path / "o" / "run.json").read_text()
+
+
+def test_predict_sinbad_model_gives_the_score_files(tiny_root, lite0_weights, tmp_path):
+    """sinbad.py fits every unit and the ensemble; predict.py from the saved model gives the ensemble's image
+    scores (SINBAD has no anomaly maps)."""
+    run(["sinbad.py", "--dataset", "synthetic_loco", "--data-root", str(tiny_root), "--categories", CATEGORY,
+         "--fast", "--backbone", "efficientnet_lite0", "--weights", str(lite0_weights), "--device", "cpu",
+         "--canvas", "64", "--crop-res", "32", "--projections", "4", "--pixel-reps", "2",
+         "--levels", "14", "224", "--crops", "4", "1", "--ckpt-dir", str(tmp_path / "c"),
+         "--score-dir", str(tmp_path / "s")])
+    ckpt = tmp_path / "c" / "sinbad" / "synthetic_loco" / f"{CATEGORY}.pth"
+    run(["predict.py", "--checkpoint", str(ckpt), "--images", str(tiny_root / CATEGORY / "test"), "--out",
+         str(tmp_path / "o"), "--device", "cpu", "--threads", "1"])
+    _check_against_score_files(tiny_root, tmp_path / "s", "sinbad", tmp_path / "o", maps=False)
+    assert not (tmp_path / "o" / "maps").exists()
