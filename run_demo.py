@@ -25,13 +25,13 @@ from common.cli import REPO_ROOT, ensure_writable_dir, make_parser
 from common.errors import UserError, guard
 from common.pipeline import Step, last_lines, run_steps, timing_table
 
-METHOD_STEPS = ("pseudo_label", "train_segmentor", "CSAD", "sinbad", "sapatchcore", "patchcore", "glass",
-                "mean_image")
+METHOD_STEPS = ("pseudo_label", "train_segmentor", "CSAD", "csad_fused", "sinbad", "sapatchcore", "patchcore",
+                "glass", "mean_image")
 STEPS = (*METHOD_STEPS, "benchmark")
 # Start order among ready steps, longest first, so that the long steps do not end up last on an idle core
 # (measured --fast costs: CSAD > sinbad > glass > pseudo_label > train_segmentor > the rest).
 PRIORITY = ("generate", "textures", "CSAD", "pseudo_label", "train_segmentor", "sinbad", "glass", "sapatchcore",
-            "patchcore", "mean_image", "benchmark")
+            "patchcore", "mean_image", "csad_fused", "benchmark")
 
 SYNTHETIC_TEXTURES = REPO_ROOT / "datasets" / "synthetic_textures"
 DTD_ROOT = REPO_ROOT / "datasets" / "dtd" / "images"
@@ -161,6 +161,10 @@ def build_steps(args, py: str = sys.executable, jobs: int = 1, split: tuple[str,
         "pseudo_label": ([py, "pseudo_label.py", *common, *stage1], ()),
         "train_segmentor": ([py, "train_segmentor.py", *common, *masks, *synthetic_labels], ("pseudo_label",)),
         "CSAD": ([py, "CSAD.py", *common] + (["--penalty-dir", penalty] if penalty else []), ("textures",)),
+        # CSAD.py trains beside the segmentor chain, so its segmentor checkpoint may not exist yet when it ends;
+        # re-scoring from the LGST checkpoint once both exist writes the fused model ckpt/csad_<category>.pth.
+        "csad_fused": ([py, "CSAD.py", *common, "--test-only"] + (["--penalty-dir", penalty] if penalty else []),
+                       ("train_segmentor", "CSAD")),
         "sinbad": ([py, "sinbad.py", *common], ()),
         "sapatchcore": ([py, "sapatchcore.py", *common], ()),
         "patchcore": ([py, "sapatchcore.py", *common, "--method", "patchcore"], ()),

@@ -32,7 +32,7 @@ def check_features(feats: torch.Tensor, images: torch.Tensor, samples: Sequence[
 
 def check_bank(bank: torch.Tensor, source: str = "") -> None:
     require_finite(bank, f"the memory bank{' ' + source if source else ''}", "it was built from non-finite "
-                   "features; rebuild it (without --load-bank) with finite backbone weights")
+                   "features; rebuild it (without --test-only) with finite backbone weights")
 
 
 def _check_inputs(queries: torch.Tensor, bank: torch.Tensor | None) -> None:

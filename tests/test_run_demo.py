@@ -67,6 +67,9 @@ def test_demo_graph_keeps_the_order_csad_needs(tmp_path, monkeypatch):
     assert all("generate" in s.after for s in steps if s.name in run_demo.STEPS)
     assert "pseudo_label" in by["train_segmentor"].after
     assert "textures" in by["glass"].after and "textures" in by["CSAD"].after
+    # the fused CSAD model is written by a --test-only pass once both of its parts are trained
+    assert {"train_segmentor", "CSAD"} <= set(by["csad_fused"].after) and by["csad_fused"].cmd[1] == "CSAD.py"
+    assert "--test-only" in by["csad_fused"].cmd and "--test-only" not in by["CSAD"].cmd
     assert set(run_demo.METHOD_STEPS) <= set(by["benchmark"].after)
     assert by["glass"].cmd[by["glass"].cmd.index("--dtd-root") + 1] == str(run_demo.SYNTHETIC_TEXTURES)
     assert all("--fast" in s.cmd for s in steps if s.name in run_demo.METHOD_STEPS)

@@ -657,8 +657,8 @@ class PatchHistModel(AnomalyModel):
     it in fusion (`.val_scores`). Image scores: `predict`; no anomaly maps (`maps` is None), the label maps ride
     along in `PatchHistPrediction.label_maps`.
 
-    `encoder`: an Encoder of `backbone` to share between models (its device is used; one Encoder hooks the
-    backbone once)."""
+    `encoder`: an Encoder of `backbone` to share between models (its device is used; one Encoder's truncated
+    pass serves all of them)."""
 
     method = METHOD
 
