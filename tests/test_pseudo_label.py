@@ -34,6 +34,9 @@ def test_config_table_matches_spec_and_rejects_unknown_category():
         (0.15, 0.2, 3.5, True, False)
     jb = load_config("juice_bottle")
     assert (jb.filter_by_combine, jb.use_grounding_filter, jb.no_sam) == (False, False, False)
+    # official grounding_segmentation: grounding_config.get('filter_by_combine', False); only juice_bottle sets it
+    for cat in ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors"):
+        assert load_config(cat).filter_by_combine is False, cat
     assert load_config("screw_bag").settings.bandwidth == 3.0
     assert load_config("splicing_connectors").settings.bandwidth == 4.0
     # the official SamAutomaticMaskGenerator arguments (hard-coded in Tokichan/CSAD pseudo_label.py segmentation())
@@ -190,7 +193,8 @@ def test_grounding_filter_background_removal_and_id_map_roundtrip():
     again = M.instances_from_id_map(ids)
     assert sorted(int(c.sum()) for c in again) == sorted(int(c.sum()) for c in M.id_map_to_stack(ids)[0])
     pts = M.sam_background_points(50, 80)
-    assert pts.shape == (8, 2) and pts[:, 0].max() == 79 and pts[:, 1].max() == 49 and pts[0].tolist() == [10, 10]
+    # the official list, in its order (x, y): inset corners, then the corners with the image extent as the far one
+    assert pts.tolist() == [[10, 10], [10, 40], [70, 10], [70, 40], [0, 0], [0, 50], [80, 0], [80, 50]]
 
 
 # --- layout contract -------------------------------------------------------------------------------------------------

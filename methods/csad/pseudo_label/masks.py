@@ -120,7 +120,8 @@ def instances_from_id_map(id_map: np.ndarray, connectivity: int = 4) -> np.ndarr
 
 
 def sam_background_points(h: int, w: int, inset: int = 10) -> np.ndarray:
-    """The 8 positive point prompts of `segmentation`'s SAM background: the corners inset by `inset` px, then the exact corners (x, y)."""
-    x0, y0, x1, y1 = 0, 0, w - 1, h - 1
-    return np.array([[x0 + inset, y0 + inset], [x1 - inset, y0 + inset], [x0 + inset, y1 - inset],
-                     [x1 - inset, y1 - inset], [x0, y0], [x1, y0], [x0, y1], [x1, y1]], dtype=np.float32)
+    """The 8 positive point prompts (x, y) of `segmentation`'s SAM background, as Tokichan/CSAD pseudo_label.py
+    gives them: the corners inset by `inset`, then the exact corners, with the image extent (w, h) as the far
+    corner (SAM's continuous coordinates: pixel i spans [i, i + 1])."""
+    return np.array([[inset, inset], [inset, h - inset], [w - inset, inset], [w - inset, h - inset],
+                     [0, 0], [0, h], [w, 0], [w, h]], dtype=np.float32)
