@@ -598,7 +598,9 @@ def steps_for(method: str, c: Context) -> list[tuple[str, list[str]]]:
         else:  # 20 queries: random SwinT-OGC weights pass all 900 queries, see STAGE1_SUBSTITUTE
             pseudo += ["--grounding-ckpt", "tiny"]
         seg = [PY, "train_segmentor.py", *c.common("csad"), "--masks-root", masks, "--epochs", str(c.iterations)]
-        lgst = [PY, "CSAD.py", *c.common("csad"), "--iterations", str(c.iterations)]
+        # train_segmentor.py's seed (the official 42; CSAD.py's own default is 0): with random weights the fused
+        # model needs both parts drawn from one seeded backbone
+        lgst = [PY, "CSAD.py", *c.common("csad"), "--iterations", str(c.iterations), "--seed", "42"]
         if c.dtd_root:
             lgst += ["--penalty-dir", c.dtd_root]
         else:
@@ -623,7 +625,29 @@ def steps_for(method: str, c: Context) -> list[tuple[str, list[str]]]:
 # is in stage1_costs().
 STAGE1_SUBSTITUTE = ["--amg-points-per-side", "8", "--amg-crop-n-layers", "0", "--amg-pred-iou-thresh", "0",
                      "--amg-stability-score-thresh", "0"]
-ITERATIVE_STEPS = {"train_segmentor", "CSAD", "glass"}  # the steps whose cost scales with c.iterations
+ITERATIVE_STEPS = {"train_segmentor", "CSAD", "glass"}
+SEGMENTOR_BATCH = 4  # train_segmentor.py's paper batch size (supervised and unsupervised each)
+
+
+def widen_supervision(labels: Path, batch: int = SEGMENTOR_BATCH) -> tuple[int, int] | None:
+    """Random HQ-SAM weights give meaningless components, and on a few images the HDBSCAN selection can keep fewer
+    supervised images than one training batch (train_segmentor.py then refuses, as it must: the official loader
+    drops the incomplete batch and would train nothing). Every training image has a label map, so the rehearsal
+    supervises them all; returns (selected, all) when it did, else None."""
+    import numpy as np
+
+    from common import atomic_save_npy
+    from methods.csad import label_layout as layout
+
+    idx_file = labels / layout.INFO / layout.GOOD_INDICES
+    if not idx_file.is_file():
+        return None
+    sup = np.load(idx_file)
+    n = len(layout.list_stems(labels.name, labels.parent))
+    if len(sup) >= batch or n < batch:
+        return None
+    atomic_save_npy(idx_file, np.arange(n, dtype=sup.dtype))
+    return len(sup), n  # the steps whose cost scales with c.iterations
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -727,7 +751,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=8,
                    help="training images of GLASS, PatchCore, SA-PatchCore (test/validation: --test-images per type)")
     p.add_argument("--test-images", type=int, default=2, help="test images per type and validation images")
-    p.add_argument("--slow-images", type=int, default=2, help="training images of SINBAD and CSAD")
+    p.add_argument("--slow-images", type=int, default=4,
+                   help="training images of SINBAD and CSAD (4: one batch of train_segmentor.py)")
     p.add_argument("--slow-test-images", type=int, default=1, help="test images per type of SINBAD and CSAD")
     p.add_argument("--iterations", type=int, default=1, help="iterations / epochs of the trained steps")
     p.add_argument("--growth", action="store_true", help="also run 2x iterations and 2x images and compare")
@@ -740,6 +765,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tensor-peaks", action="store_true",
                    help="also run the base configuration under torch.profiler's memory recording: peak live tensor "
                         "bytes per stage (the estimate of the GPU memory a run needs)")
+    p.add_argument("--reuse-labels", action="store_true",
+                   help="skip CSAD's pseudo_label step where an earlier run left its labels in --work-dir")
     p.add_argument("--limits", action="store_true",
                    help="after the runs: each checkpoint's networks alone vs its predict, fp32 and bf16")
     p.add_argument("--limits-only", action="store_true",
@@ -837,6 +864,11 @@ def main(argv=None) -> dict:
                 c = Context(set_name, variant, dataset, data_root, src.name, vdir, iters, n, args.dtd_root,
                             grounding, bert, args.sam_model)
                 for step, argv in steps_for(method, c):
+                    labels = vdir / "masks" / c.category
+                    if step == "pseudo_label" and args.reuse_labels and (labels / "info").is_dir():
+                        log("%s/%s/%s/%s: reusing the labels in %s", set_name, method, variant, step, labels)
+                        _widen(labels, log)
+                        continue
                     if variant == "iters2" and step not in ITERATIVE_STEPS:
                         if step == "pseudo_label":  # the base run's labels: stage 1 has no iteration count
                             _copy_tree(work / set_name / "base" / "masks", vdir / "masks")
@@ -863,6 +895,8 @@ def main(argv=None) -> dict:
                     _save(out, runs, args)
                     if r.rc != 0:
                         break  # the method's later steps need this one's output
+                    if step == "pseudo_label":
+                        _widen(labels, log)
     limits = []
     if args.limits or args.limits_only:
         for set_name, (dataset, src) in sources.items():
@@ -880,6 +914,13 @@ def main(argv=None) -> dict:
     res = _save(out, runs, args, grow, envd, limits)
     log("written %s and %s", out / "rehearsal.json", out / "rehearsal.md")
     return res
+
+
+def _widen(labels: Path, log) -> None:
+    widened = widen_supervision(labels)
+    if widened:
+        log("  random weights selected %d supervised image(s), fewer than a training batch: the rehearsal "
+            "supervises all %d training images", *widened)
 
 
 def method_images(method: str, args) -> tuple[int, int]:

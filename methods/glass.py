@@ -388,16 +388,20 @@ class Trainer:
         names = image_names(images)
         loader = image_loader(images, imagenet_transform(resize, self.cfg.imagesize), batch_size=self.cfg.batch_size,
                               workers=self.cfg.workers)
-        feats = []
+        out = None  # filled in place: no second copy during a concatenation or a float16 conversion
         for imgs, idx in tqdm(loader, desc="embed train", leave=False):
             e = self.model.embed(imgs.to(self.device))
             check_features(e, imgs, [names[int(i)] for i in idx], self.model.extractor.backbone)
-            feats.append(e.reshape(e.shape[0], -1, e.shape[-1]))
-        out = torch.cat(feats)
-        gb = out.numel() * 4 / 2 ** 30
-        if gb > self.cfg.cache_max_gb:
-            log.info("feature cache %.1f GB > --cache-max-gb %.1f: stored as float16", gb, self.cfg.cache_max_gb)
-            out = out.half()
+            e = e.reshape(e.shape[0], -1, e.shape[-1])
+            if out is None:
+                gb = len(images) * e[0].numel() * 4 / 2 ** 30
+                half = gb > self.cfg.cache_max_gb
+                if half:
+                    log.info("feature cache %.1f GB > --cache-max-gb %.1f: stored as float16", gb,
+                             self.cfg.cache_max_gb)
+                out = torch.empty(len(images), *e.shape[1:], dtype=torch.float16 if half else e.dtype,
+                                  device=e.device)
+            out[idx.to(e.device)] = e.to(out.dtype)
         return out
 
     @torch.no_grad()

@@ -483,14 +483,25 @@ def build_bank(extractor: FeatureExtractor, samples: Sequence[Any], cfg: PatchCo
     if workers is not None and workers != cfg.workers:
         cfg = replace(cfg, workers=workers)
     names = image_names(images)
-    chunks = []
+    # With one input size every image gives the same patch count: the bank is filled in place, so its peak is the
+    # bank itself, not the bank plus its per-batch chunks during a concatenation (2x at paper scale).
+    fixed = input_size(cfg) is not None
+    chunks, full = [], None
     for x, index in tqdm(image_loader(images, cfg, batch_size=batch_size), desc="memory bank", disable=not progress,
                          leave=False):
         e = embed(extractor, x.to(device, non_blocking=True), cfg)
         check_features(e, x, [names[i] for i in index.tolist()], extractor.backbone)  # one check per batch
-        chunks.append(e.reshape(-1, e.shape[-1]))
-    full = torch.cat(chunks)
-    del chunks
+        if not fixed:
+            chunks.append(e.reshape(-1, e.shape[-1]))
+            continue
+        per = e.shape[1] * e.shape[2]
+        if full is None:
+            full = torch.empty(len(images) * per, e.shape[-1], dtype=e.dtype, device=e.device)
+        rows = (index.to(e.device)[:, None] * per + torch.arange(per, device=e.device)).reshape(-1)
+        full[rows] = e.reshape(-1, e.shape[-1])
+    if not fixed:
+        full = torch.cat(chunks)
+        del chunks
     keep = select_coreset(full, cfg, n_images=len(images), progress=progress)
     return full[keep].contiguous()
 

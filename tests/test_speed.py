@@ -209,6 +209,30 @@ def test_rehearsal_subset_reads_as_the_first_images(tmp_path):
         "good/000.png", "logical_anomalies/000.png", "good/001.png"]
 
 
+def test_rehearsal_widens_a_degenerate_selection_only(tmp_path):
+    """Random stage-1 weights can select fewer supervised images than a segmentor batch: the rehearsal then
+    supervises every training image; a selection of a full batch, or too few images for one, stays as written."""
+    import numpy as np
+
+    from benchmarks.rehearse import widen_supervision
+
+    def labels(n, sup):
+        cat = tmp_path / f"masks_{n}_{len(sup)}" / "cat"
+        for i in range(n):
+            (cat / f"{i:03d}").mkdir(parents=True)
+        (cat / "info").mkdir()
+        np.save(cat / "info" / "filtered_histogram_indices.npy", np.array(sup, np.int64))
+        return cat
+
+    cat = labels(6, [2])
+    assert widen_supervision(cat) == (1, 6)
+    assert np.load(cat / "info" / "filtered_histogram_indices.npy").tolist() == [0, 1, 2, 3, 4, 5]
+    for n, sup in ((6, [0, 2, 3, 5]), (3, [1])):
+        cat = labels(n, sup)
+        assert widen_supervision(cat) is None
+        assert np.load(cat / "info" / "filtered_histogram_indices.npy").tolist() == sup
+
+
 CHILD = r"""
 import os, sys, time, numpy as np
 sys.path.insert(0, {repo!r})
