@@ -4,7 +4,7 @@ per stage (wall time, CPU time, peak memory), to find crashes, shape errors and 
 iteration count or the number of images before a paper-scale run does.
 
     python benchmarks/rehearse.py --data-root DATA/mvtec_loco --out OUT          # the real juice_bottle category
-    python benchmarks/rehearse.py --sets synthetic --out OUT                       # generated, at --synthetic-size
+    python benchmarks/rehearse.py --sets synthetic --dtd-root DTD --out OUT        # generated, at --synthetic-size
     python benchmarks/rehearse.py --data-root D --methods glass patchcore --growth --out OUT
     python benchmarks/rehearse.py --data-root D --limits --out OUT                # networks alone vs predict, bf16
 
