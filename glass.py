@@ -264,7 +264,7 @@ def _write(model: GlassModel, data, pred, val_scores, *, score_dir) -> dict:
         by_group["val"] = val_scores
     written = save_group_scores(data, METHOD, by_group, score_dir)
     for sample, m in zip(data.test, pred.maps):
-        save_anomaly_maps(METHOD, category, [sample], m[None], score_dir)
+        save_anomaly_maps(METHOD, category, [sample], maps=m[None], score_dir=score_dir)
     # the paper's training-time pixel AUROC: at crop resolution, GT bilinearly resized (VisA > 0, others floored)
     masks = GroundTruth(data.test)
     gts = [mask_at_crop(masks[i], model.resize, cfg.imagesize, data.dataset == "visa") for i in range(len(masks))]

@@ -265,7 +265,7 @@ def main(argv=None) -> None:
 
     t0 = time.monotonic()
     if args.launcher == "process":
-        results = run_steps(steps, jobs, log_dir, env=step_env(threads), cwd=REPO_ROOT)
+        results = run_steps(steps, jobs=jobs, log_dir=log_dir, env=step_env(threads), cwd=REPO_ROOT)
     else:
         from common.launcher import launch_steps, options_from_args
 

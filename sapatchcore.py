@@ -172,7 +172,7 @@ def run_category(backbone, dataset: str, category: str, cfg: PatchCoreConfig, *,
             groups["val"] = val
         paths = save_group_scores(data, name, groups, score_dir)
         for sample, m in zip(data.test, pred.maps or []):
-            save_anomaly_maps(name, data.category, [sample], m[None], score_dir)
+            save_anomaly_maps(name, data.category, [sample], maps=m[None], score_dir=score_dir)
     log.info("%s/%s: scores written to %s%s", name, data.category, ", ".join(p.name for p in paths),
              f"; maps under {Path(score_dir) / 'anomaly_maps' / name / data.category}" if maps else "")
     from evaluation.metrics import group_aurocs  # for the log; benchmark_performance.py does the evaluation

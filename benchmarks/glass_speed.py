@@ -71,7 +71,8 @@ def main(argv=None) -> dict:
         _sync(device)
         t_epoch = time.perf_counter() - t
         iters = -(-len(train) // cfg.batch_size)
-        imgs = torch.cat([x for x, _ in make_loader(test, imagenet_transform(cfg.resize, cfg.imagesize), 8)]).to(device)
+        loader = make_loader(test, imagenet_transform(cfg.resize, cfg.imagesize), batch_size=8)
+        imgs = torch.cat([x for x, _ in loader]).to(device)
         model.patch_scores(imgs[:2])  # warm-up
         t = time.perf_counter()
         for i in range(0, len(imgs), cfg.batch_size):

@@ -892,7 +892,7 @@ def main(argv=None) -> dict:
                     runs.append(r)
                     log("  exit %s, %.1f s wall, %.1f s CPU, peak RSS %.0f MiB%s", r.rc, r.wall_s, r.cpu_s,
                         r.maxrss_mb, "" if r.rc == 0 else "\n" + r.error)
-                    _save(out, runs, args)
+                    _save(out, runs, args=args)
                     if r.rc != 0:
                         break  # the method's later steps need this one's output
                     if step == "pseudo_label":
@@ -906,12 +906,12 @@ def main(argv=None) -> dict:
                 for ck in sorted(p for p in ck_dir.rglob("*.pt*") if p.suffix in (".pt", ".pth")):
                     limits += run_limits(ck, imgs, set_name=set_name, method=method, env=env, out=out,
                                          timeout_s=args.timeout, log=log)
-                    _save(out, runs, args, limits=limits)
+                    _save(out, runs, args=args, limits=limits)
     grow = growth(runs)
     envd = {"load": load_average(), "threads": args.threads, "cpu_count": os.cpu_count(),
             "total_s": time.monotonic() - t_start}
     (out / "rehearsal.md").write_text(markdown(runs, grow, envd, limits))
-    res = _save(out, runs, args, grow, envd, limits)
+    res = _save(out, runs, args=args, grow=grow, env=envd, limits=limits)
     log("written %s and %s", out / "rehearsal.json", out / "rehearsal.md")
     return res
 
@@ -938,7 +938,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
         shutil.copytree(src, dst, symlinks=True)
 
 
-def _save(out: Path, runs, args, grow=None, env=None, limits=None) -> dict:
+def _save(out: Path, runs, *, args, grow=None, env=None, limits=None) -> dict:
     res = {"args": vars(args), "env": env or {"load": load_average()}, "runs": [asdict(r) for r in runs],
            "stages": stage_table(runs), "growth": grow or [], "limits": limits or []}
     tmp = out / "rehearsal.json.tmp"

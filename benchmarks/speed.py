@@ -81,7 +81,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, runs: int,
+def time_fn(fn: Callable[[], object], *, device: torch.device, warmup: int, runs: int,
             budget_s: float | None = None, sync_each: bool = True) -> dict:
     """Wall-clock milliseconds per call of `fn`, synchronised on a GPU.
 
@@ -236,7 +236,7 @@ def measure_inference(s: Settings, build: Callable[[], Callable], make_input: Ca
     with PeakMemory(s.device) as mem:
         infer = build()
         x1 = make_input(1)
-        lat = time_fn(lambda: call(infer, x1), s.device, s.warmup, s.runs, s.budget_s)
+        lat = time_fn(lambda: call(infer, x1), device=s.device, warmup=s.warmup, runs=s.runs, budget_s=s.budget_s)
     del x1
     best, best_b, tried = throughput(1, lat["mean_ms"]), 1, ["1"]
     for b in s.batch_sizes:
@@ -248,8 +248,8 @@ def measure_inference(s: Settings, build: Callable[[], Callable], make_input: Ca
             continue
         try:
             xb = make_input(b)
-            t = time_fn(lambda: call(infer, xb), s.device, max(1, s.warmup // 4), max(2, s.runs // 10),
-                        s.budget_s)
+            t = time_fn(lambda: call(infer, xb), device=s.device, warmup=max(1, s.warmup // 4),
+                        runs=max(2, s.runs // 10), budget_s=s.budget_s)
             del xb
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -364,7 +364,8 @@ def bench_csad_official(s: Settings) -> dict:
                           resolution=res).to(s.device).eval()
         x = image_input(s, res)(b)
         with torch.inference_mode(), s.autocast():
-            t = time_fn(lambda: fused(x), s.device, n // 2, n - n // 2, s.budget_s, sync_each=False)
+            t = time_fn(lambda: fused(x), device=s.device, warmup=n // 2, runs=n - n // 2, budget_s=s.budget_s,
+                        sync_each=False)
         sync(s.device)
     per_img = t["mean_ms"] / b
     return {"latency_ms": per_img, "latency_median_ms": t["median_ms"] / b, "latency_p95_ms": t["p95_ms"] / b,
@@ -450,7 +451,7 @@ def _lgst_training(s: Settings, cfg) -> dict:
     for iters in (1, 1 + n):
         model.cfg = dataclasses.replace(cfg, iterations=iters)
         t0 = time.perf_counter()
-        train(model, train_images, val_images, s.device, s.seed, penalty)
+        train(model, train_images, val_images, device=s.device, seed=s.seed, penalty=penalty)
         sync(s.device)
         seconds.append(time.perf_counter() - t0)
     per_it = (seconds[1] - seconds[0]) / n
@@ -573,9 +574,14 @@ def bench_sinbad(s: Settings, level: int) -> dict:
         dim = element_dim(level, extractor)
         units = []
         for c in counts:
-            proj = [torch.cat([projection_matrix(dim, n_p, cfg.seed, level, c, k, r) for r in range(reps)], 1)
-                    .to(s.device) for k in range(c)]
-            train_d, thr = encode(samples, level, c, cfg, extractor, s.device, proj, desc=f"L{level} c{c} fit")
+            proj = [
+                torch.cat([
+                    projection_matrix(dim, n_p, seed=cfg.seed, level=level, n_crops=c, position=k, rep=r)
+                    for r in range(reps)
+                ], 1).to(s.device) for k in range(c)
+            ]
+            train_d, thr = encode(samples, level, n_crops=c, cfg=cfg, extractor=extractor, device=s.device,
+                                  projections=proj, desc=f"L{level} c{c} fit")
             models = []
             for r in range(reps):
                 cols = slice(r * n_p * n_q, (r + 1) * n_p * n_q)
@@ -595,7 +601,8 @@ def bench_sinbad(s: Settings, level: int) -> dict:
         def infer(canvases):
             total = torch.zeros(len(canvases), dtype=torch.float64)
             for c, proj, thr, models in state["units"]:
-                d = describe_canvases(canvases, level, c, cfg, state["extractor"], proj, list(thr))
+                d = describe_canvases(canvases, level, n_crops=c, cfg=cfg, extractor=state["extractor"],
+                                      projections=proj, thresholds=list(thr))
                 for r, k, cols, w, bank in models:
                     total += knn(w(d[:, k, cols]), bank, k=1, squared=True)[0][:, 0].cpu()
             return total

@@ -51,7 +51,7 @@ def status_path(log_dir: Path, step: str) -> Path:
     return Path(log_dir) / (log_name(step)[: -len(".log")] + ".status.json")
 
 
-def run_step_job(name: str, cmd: list[str], cwd: str, env: dict, log: str, status: str) -> int:
+def run_step_job(name: str, cmd: list[str], *, cwd: str, env: dict, log: str, status: str) -> int:
     """The body of one job (runs on the compute node): the step's command, its log, its status file.
     Standard library only, so that unpickling the job needs nothing beyond this module."""
     t0 = time.monotonic()
@@ -187,8 +187,8 @@ def launch_steps(steps: Sequence[Step], opts: LaunchOptions, echo: Callable[[str
         except ValueError as exc:  # submitit's check of the job parameters (e.g. more GPUs than visible)
             raise UserError(f"job parameters for step {step.name} rejected by submitit: "
                             f"{str(exc).splitlines()[0]}; check --gpus-per-job/--slurm-param") from None
-        job = executor.submit(run_step_job, step.name, list(step.cmd), str(opts.cwd), dict(opts.env),
-                              str(results[step.name].log), str(status_path(opts.log_dir, step.name)))
+        job = executor.submit(run_step_job, step.name, list(step.cmd), cwd=str(opts.cwd), env=dict(opts.env),
+                              log=str(results[step.name].log), status=str(status_path(opts.log_dir, step.name)))
         jobs[step.name] = job
         submitted_at[step.name] = time.monotonic()
         echo(f"[submitted] {step.name} (job {job.job_id}): {' '.join(step.cmd[1:])}")

@@ -80,7 +80,7 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def run_steps(steps: Sequence[Step], jobs: int, log_dir: str | os.PathLike, env: dict | None = None,
+def run_steps(steps: Sequence[Step], *, jobs: int, log_dir: str | os.PathLike, env: dict | None = None,
               cwd: str | os.PathLike | None = None, echo: Callable[[str], None] = print,
               heartbeat_s: float = 60.0, poll_s: float = 0.2) -> list[StepResult]:
     """Run `steps`; returns one StepResult per step, in the given order."""

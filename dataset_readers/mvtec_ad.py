@@ -19,7 +19,7 @@ def _find_mask(gt_dir: Path, stem: str) -> Path:
     raise DatasetError(f"no ground-truth mask for test image '{stem}' in {gt_dir} (expected {stem}_mask.png)")
 
 
-def read_mvtec_ad(root: Path, category: str, dataset: str = "mvtec_ad", require_train: bool = True,
+def read_mvtec_ad(root: Path, category: str, *, dataset: str = "mvtec_ad", require_train: bool = True,
                   check_sizes: bool = True, require_masks: bool = True, numbered: bool = False) -> CategoryData:
     """require_masks=False: a defect type without a ground_truth/<defect> folder gets no masks (image-level data
     such as CAD-SD); a folder that exists must still hold every mask. numbered: take only all-digit image stems

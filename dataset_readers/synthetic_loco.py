@@ -519,7 +519,7 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         raise OSError(f"cannot write {path}")
 
 
-def _params(size, n_train, n_val, n_test, seed, component_maps) -> dict:
+def _params(size, *, n_train, n_val, n_test, seed, component_maps) -> dict:
     return {"format_version": FORMAT_VERSION, "size": size, "n_train": n_train, "n_val": n_val, "n_test": n_test,
             "seed": seed, "component_maps": component_maps}
 
@@ -539,7 +539,7 @@ def _is_complete(cat_dir: Path) -> dict | None:
     return info if (cat_dir / "defects_config.json").is_file() else None
 
 
-def generate_category(root: Path, category: str, size: int, n_train: int, n_val: int, n_test: int, seed: int,
+def generate_category(root: Path, category: str, *, size: int, n_train: int, n_val: int, n_test: int, seed: int,
                       component_maps: bool) -> Path:
     """Write one category into a temporary folder, then rename it into place (never a half-written category)."""
     cat_index = SYNTHETIC_CATEGORIES.index(category)
@@ -571,7 +571,7 @@ def generate_category(root: Path, category: str, size: int, n_train: int, n_val:
                 for k, (name, m) in enumerate(masks):
                     _write_png(gt / f"{k:03d}.png", m.astype(np.uint8) * np.uint8(value_of[name]))
         (tmp / "defects_config.json").write_text(json.dumps(config, indent=4))
-        info = _params(size, n_train, n_val, n_test, seed, component_maps)
+        info = _params(size, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, component_maps=component_maps)
         info["class_names"] = CLASS_NAMES[category]
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
         target = root / category
@@ -593,8 +593,8 @@ def add_component_maps(root: Path, category: str, info: dict) -> None:
     cat_dir = root / category
     scratch = root / f".{category}.maps-{os.getpid()}"
     try:
-        generate_category(scratch, category, info["size"], info["n_train"], info["n_val"], info["n_test"],
-                          info["seed"], True)
+        generate_category(scratch, category, size=info["size"], n_train=info["n_train"], n_val=info["n_val"],
+                          n_test=info["n_test"], seed=info["seed"], component_maps=True)
         new = scratch / category
         for split in ("train", "validation", "test"):
             for p in sorted((new / split).rglob("*.png")):
@@ -612,7 +612,7 @@ def add_component_maps(root: Path, category: str, info: dict) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def generate(root: str | os.PathLike = DEFAULT_ROOT, size: int = 256, n_train: int = 60, n_val: int = 20,
+def generate(root: str | os.PathLike = DEFAULT_ROOT, *, size: int = 256, n_train: int = 60, n_val: int = 20,
              n_test: int = 20, seed: int = 0, categories: list[str] | tuple[str, ...] | None = None,
              component_maps: bool = False, force: bool = False) -> Path:
     """Write the synthetic dataset; existing complete categories are kept (pass force=True to rewrite them)."""
@@ -624,7 +624,7 @@ def generate(root: str | os.PathLike = DEFAULT_ROOT, size: int = 256, n_train: i
     if size < 32 or min(n_train, n_val, n_test) < 1:
         raise ValueError(f"size must be >= 32 and every count >= 1 (got size={size}, counts={n_train}/{n_val}/{n_test})")
     root.mkdir(parents=True, exist_ok=True)
-    wanted = _params(size, n_train, n_val, n_test, seed, component_maps)
+    wanted = _params(size, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, component_maps=component_maps)
     for category in categories:
         cat_dir = root / category
         if cat_dir.exists() and not force:
@@ -642,7 +642,8 @@ def generate(root: str | os.PathLike = DEFAULT_ROOT, size: int = 256, n_train: i
             LOG.info("--force: removing %s", cat_dir)
             shutil.rmtree(cat_dir)
         t0 = time.perf_counter()
-        generate_category(root, category, size, n_train, n_val, n_test, seed, component_maps)
+        generate_category(root, category, size=size, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
+                          component_maps=component_maps)
         LOG.info("wrote %s (%d images at %dx%d) in %.1f s", cat_dir, n_train + n_val + 3 * n_test, size, size,
                  time.perf_counter() - t0)
     return root
@@ -670,8 +671,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {exc}") from None
     t0 = time.perf_counter()
     try:
-        root = generate(args.root, args.size, args.n_train, args.n_val, args.n_test, args.seed, args.categories,
-                        args.component_maps, args.force)
+        root = generate(args.root, size=args.size, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                        seed=args.seed, categories=args.categories, component_maps=args.component_maps,
+                        force=args.force)
     except (DatasetError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"synthetic LOCO dataset in {root.resolve()} ({', '.join(args.categories)}), "

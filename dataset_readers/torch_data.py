@@ -39,7 +39,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(load_image(self.samples[i].path)), i
 
 
-def make_loader(samples: Sequence[Sample], transform: Callable, batch_size: int = 8, workers: int = 0,
+def make_loader(samples: Sequence[Sample], transform: Callable, *, batch_size: int = 8, workers: int = 0,
                 shuffle: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size, shuffle=shuffle,

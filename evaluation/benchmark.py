@@ -151,7 +151,8 @@ class Scores:
                 LOG.info(msg)
                 return None
             try:
-                out[group], index = load_score_file(cat, name, group, samples, self.score_dir, self.cfg.dataset)
+                out[group], index = load_score_file(cat, name, group, samples=samples, score_dir=self.score_dir,
+                                                    dataset=self.cfg.dataset)
             except ScoreFileError as exc:
                 msg = f"REFUSED {name}/{cat}: {exc}"
                 LOG.error(msg)
@@ -602,8 +603,8 @@ def _figures(data: CategoryData, rows: list[Row], cfg: Config, prov: Provenance)
 
         seg = masks_dir(data.category, cfg.masks_root) / "test_seg_output" if cfg.masks_root else None
         methods = [r.name for r in rows if len(r.experiment) == 1]
-        written = write_figures(data, methods, cfg.score_dir, Path(cfg.out_dir) / "figures",
-                                seg if seg is not None and seg.is_dir() else None, caption=prov.caption(),
+        written = write_figures(data, methods, score_dir=cfg.score_dir, out_dir=Path(cfg.out_dir) / "figures",
+                                seg_dir=seg if seg is not None and seg.is_dir() else None, caption=prov.caption(),
                                 title_suffix=prov.title_suffix,
                                 curves={r.name: r.curves for r in rows})
         LOG.info("%s: %d figures under %s", data.category, len(written), Path(cfg.out_dir) / "figures")

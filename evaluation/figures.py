@@ -70,7 +70,7 @@ def _test_scores(data: CategoryData, method: str, score_dir: Path) -> dict[str, 
         if g == "val" or not score_path(data.category, method, g, score_dir).is_file():
             continue
         try:
-            s, _ = load_score_file(data.category, method, g, samples, score_dir, data.dataset)
+            s, _ = load_score_file(data.category, method, g, samples=samples, score_dir=score_dir, dataset=data.dataset)
         except (ScoreFileError, FileNotFoundError):
             continue
         out.update({sample_key(x): float(v) for x, v in zip(samples, s)})
@@ -143,7 +143,7 @@ def roc_figure(data: CategoryData, curves: Mapping[str, Mapping[str, tuple[np.nd
     return _save(fig, out_path, title, caption, dpi=100)
 
 
-def overlay_figure(data: CategoryData, method: str, score_dir: Path, out_path: Path, n: int = 8,
+def overlay_figure(data: CategoryData, method: str, *, score_dir: Path, out_path: Path, n: int = 8,
                    caption: str = "", title_suffix: str = "") -> Path | None:
     """Test images with the method's map (colour scale shared, colour bar) and the ground-truth outline."""
     from matplotlib import cm, colors
@@ -175,7 +175,7 @@ def overlay_figure(data: CategoryData, method: str, score_dir: Path, out_path: P
     return _save(fig, out_path, title, caption)
 
 
-def comparison_figure(data: CategoryData, methods: Sequence[str], score_dir: Path, out_path: Path, n: int = 4,
+def comparison_figure(data: CategoryData, methods: Sequence[str], *, score_dir: Path, out_path: Path, n: int = 4,
                       caption: str = "", title_suffix: str = "") -> Path | None:
     """Every method's map of the same images side by side: one row per image (a good one, then one per defect
     type), the image with its ground-truth outline first. Each method's column has its own colour scale (1-99.5
@@ -215,7 +215,7 @@ def comparison_figure(data: CategoryData, methods: Sequence[str], score_dir: Pat
     return _save(fig, out_path, title, caption)
 
 
-def segmentation_figure(data: CategoryData, seg_dir: Path, out_path: Path, n: int = 8, caption: str = "",
+def segmentation_figure(data: CategoryData, seg_dir: Path, *, out_path: Path, n: int = 8, caption: str = "",
                         title_suffix: str = "") -> Path | None:
     """CSAD: test images, their component segmentation ({defect_type}_{stem}.png, colours from the segmentor's
     palette) and the two blended, with a legend of the classes shown."""
@@ -259,8 +259,8 @@ def segmentation_figure(data: CategoryData, seg_dir: Path, out_path: Path, n: in
     return _save(fig, out_path, title, caption)
 
 
-def write_figures(data: CategoryData, methods: Sequence[str], score_dir: str | Path, out_dir: str | Path,
-                  seg_dir: str | Path | None = None, n: int = 8, *,
+def write_figures(data: CategoryData, methods: Sequence[str], *, score_dir: str | Path, out_dir: str | Path,
+                  seg_dir: str | Path | None = None, n: int = 8,
                   curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], caption: str = "",
                   title_suffix: str = "") -> list[Path]:
     """ROC (every experiment in `curves`, fused ones included), one overlay per single-branch method with maps,
@@ -270,8 +270,13 @@ def write_figures(data: CategoryData, methods: Sequence[str], score_dir: str | P
     single = [m for m in methods if "+" not in m]
     kw = dict(caption=caption, title_suffix=title_suffix)
     written = [roc_figure(data, curves, out_dir / cat / "roc.png", **kw)]
-    written += [overlay_figure(data, m, score_dir, out_dir / cat / f"overlay_{m}.png", n, **kw) for m in single]
-    written.append(comparison_figure(data, single, score_dir, out_dir / cat / "all_methods.png", **kw))
+    written += [
+        overlay_figure(data, m, score_dir=score_dir, out_path=out_dir / cat / f"overlay_{m}.png", n=n, **kw)
+        for m in single
+    ]
+    written.append(
+        comparison_figure(data, single, score_dir=score_dir, out_path=out_dir / cat / "all_methods.png", **kw))
     if seg_dir is not None:
-        written.append(segmentation_figure(data, Path(seg_dir), out_dir / cat / "csad_segmentation.png", n, **kw))
+        written.append(
+            segmentation_figure(data, Path(seg_dir), out_path=out_dir / cat / "csad_segmentation.png", n=n, **kw))
     return [p for p in written if p is not None]

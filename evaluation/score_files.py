@@ -40,7 +40,7 @@ def sample_key(sample: Sample) -> str:
     return f"{sample.split}/{sample.defect_type}/{Path(sample.path).name}"
 
 
-def save_scores(category: str, method: str, group: str, scores, samples: Sequence[Sample],
+def save_scores(category: str, method: str, group: str, *, scores, samples: Sequence[Sample],
                 score_dir: str | Path = DEFAULT_SCORE_DIR, dataset: str | None = None) -> Path:
     """Write the scores and their JSON index; the index carries the run record (common.provenance.current())."""
     from common.provenance import current
@@ -68,8 +68,10 @@ def save_group_scores(data: CategoryData, method: str, scores_by_group: Mapping[
     unknown = set(scores_by_group) - set(groups)
     if unknown:
         raise ScoreFileError(f"{method}/{data.category}: unknown score groups {sorted(unknown)}; expected {sorted(groups)}")
-    return [save_scores(data.category, method, g, s, groups[g], score_dir, data.dataset)
-            for g, s in scores_by_group.items()]
+    return [
+        save_scores(data.category, method, g, scores=s, samples=groups[g], score_dir=score_dir, dataset=data.dataset)
+        for g, s in scores_by_group.items()
+    ]
 
 
 def scores_for_samples(test_scores: np.ndarray, test_samples: Sequence[Sample], data: CategoryData) -> dict[str, np.ndarray]:
@@ -114,7 +116,7 @@ def read_index(index_path: Path, method: str) -> dict:
     return index
 
 
-def load_score_file(category: str, method: str, group: str, samples: Sequence[Sample] | None = None,
+def load_score_file(category: str, method: str, group: str, *, samples: Sequence[Sample] | None = None,
                     score_dir: str | Path = DEFAULT_SCORE_DIR, dataset: str | None = None) -> tuple[np.ndarray, dict]:
     """Scores and their index. With `samples`, refuse the file unless its index names this category, method, group
     (and `dataset`, where both are known) and lists exactly those images in that order: a renamed file from another
@@ -148,17 +150,17 @@ def load_score_file(category: str, method: str, group: str, samples: Sequence[Sa
     return scores, index
 
 
-def load_scores(category: str, method: str, group: str, samples: Sequence[Sample] | None = None,
+def load_scores(category: str, method: str, group: str, *, samples: Sequence[Sample] | None = None,
                 score_dir: str | Path = DEFAULT_SCORE_DIR, dataset: str | None = None) -> np.ndarray:
     """Load a score file; with `samples`, refuse it unless its index matches (see load_score_file)."""
-    return load_score_file(category, method, group, samples, score_dir, dataset)[0]
+    return load_score_file(category, method, group, samples=samples, score_dir=score_dir, dataset=dataset)[0]
 
 
 def anomaly_map_path(method: str, category: str, sample: Sample, score_dir: str | Path = DEFAULT_SCORE_DIR) -> Path:
     return Path(score_dir) / "anomaly_maps" / method / category / "test" / sample.defect_type / f"{sample.stem}.tiff"
 
 
-def save_anomaly_maps(method: str, category: str, samples: Sequence[Sample], maps,
+def save_anomaly_maps(method: str, category: str, samples: Sequence[Sample], *, maps,
                       score_dir: str | Path = DEFAULT_SCORE_DIR, original_size: bool = True) -> None:
     """Write one float32 TIFF per test sample; maps (N, h, w) are bilinearly resized to each image's size."""
     import tifffile

@@ -48,7 +48,7 @@ def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.clamp_min_(0.0)
 
 
-def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_elems: int = 2 ** 26,
+def knn(queries: torch.Tensor, bank: torch.Tensor, *, k: int = 1, chunk_elems: int = 2 ** 26,
         squared: bool = False, backend: str = "torch",
         bank_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances, indices) of the k nearest bank rows for every query, each (Q, k), ascending.

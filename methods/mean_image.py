@@ -41,7 +41,7 @@ def image_scores(maps: torch.Tensor, reduce: str = "max") -> torch.Tensor:
     return flat.amax(1) if reduce == "max" else flat.mean(1)
 
 
-def run_category(data: CategoryData, resolution: int, device: torch.device, score_dir: str, reduce: str = "max",
+def run_category(data: CategoryData, resolution: int, *, device: torch.device, score_dir: str, reduce: str = "max",
                  write_maps: bool = True) -> dict[str, np.ndarray]:
     mean_image = load_images(data.train, resolution, device, f"{data.category} train").mean(0)
     test_maps = distance_maps(load_images(data.test, resolution, device, f"{data.category} test"), mean_image)
@@ -57,7 +57,7 @@ def run_category(data: CategoryData, resolution: int, device: torch.device, scor
     LOG.info("%s: image AUROC %s", data.category, ", ".join(f"{g} {100 * a:.1f}%" for g, a in
                                                         group_aurocs(data, groups).items()) or "n/a (no labels)")
     if write_maps:
-        save_anomaly_maps(METHOD, data.category, data.test, test_maps.cpu().numpy(), score_dir)
+        save_anomaly_maps(METHOD, data.category, data.test, maps=test_maps.cpu().numpy(), score_dir=score_dir)
         LOG.info("%s: wrote %d anomaly maps under %s/anomaly_maps/%s/%s", data.category, len(data.test), score_dir,
                  METHOD, data.category)
     return groups
@@ -83,7 +83,8 @@ def main(argv=None) -> None:
     start_from_args("mean_image", args, None, {"args": args, "resolution": resolution}, categories)
     for category in categories:
         data = read_category(args.dataset, category, args.data_root)
-        run_category(data, resolution, device, args.score_dir, args.image_score, not args.no_maps)
+        run_category(data, resolution, device=device, score_dir=args.score_dir, reduce=args.image_score,
+                     write_maps=not args.no_maps)
 
 
 if __name__ == "__main__":

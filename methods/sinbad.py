@@ -217,7 +217,7 @@ def set_descriptor(elements: torch.Tensor, proj: torch.Tensor, thresholds: torch
     return torch.cat(descs, 1), torch.cat(thrs, 0)
 
 
-def projection_matrix(dim: int, n_proj: int, seed: int, level: int, n_crops: int, position: int, rep: int
+def projection_matrix(dim: int, n_proj: int, *, seed: int, level: int, n_crops: int, position: int, rep: int
                       ) -> torch.Tensor:
     """Unnormalised Gaussian directions (dim, n_proj), seeded per (level, crop count, position, repeat) from a CPU
     generator, so a checkpoint regenerates them instead of storing them. Positional signature kept for
@@ -321,7 +321,7 @@ def encode_units(images: Sequence[Any], groups: Sequence[tuple[Sequence[int], in
     return {u: torch.cat(v) if v else torch.zeros(0, u[1], descriptor_width(u[0], cfg)) for u, v in out.items()}
 
 
-def encode(samples: Sequence[Sample], level: int, n_crops: int, cfg: SinbadConfig, extractor, device: torch.device,
+def encode(samples: Sequence[Sample], level: int, *, n_crops: int, cfg: SinbadConfig, extractor, device: torch.device,
            projections: list[torch.Tensor], thresholds: list[torch.Tensor | None] | None = None, desc: str = ""
            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Stream images -> descriptors (N_img, K, R*P*Q) and the per-position thresholds (fitted on the first batch
@@ -352,7 +352,7 @@ def unit_crops(level: int, n_crops: int, cfg: SinbadConfig) -> tuple[int, list[t
     return side, corners
 
 
-def describe_canvases(canvases: torch.Tensor, level: int, n_crops: int, cfg: SinbadConfig, extractor,
+def describe_canvases(canvases: torch.Tensor, level: int, *, n_crops: int, cfg: SinbadConfig, extractor,
                       projections: list[torch.Tensor], thresholds: list[torch.Tensor | None]) -> torch.Tensor:
     """Canvases (B, 3, canvas, canvas) on the device -> descriptors (B, K, R*P*Q) on the CPU. `thresholds` is
     updated in place where an entry is None (fitted on this batch). Positional signature kept for
@@ -398,7 +398,7 @@ def element_dim(level: int, extractor) -> int:
 
 def unit_projections(level: int, n_crops: int, cfg: SinbadConfig, dim: int) -> list[torch.Tensor]:
     """The K per-position projection matrices (dim, R*P) of a unit, on the CPU (repeats side by side)."""
-    return [torch.cat([projection_matrix(dim, cfg.n_projections(level), cfg.seed, level, n_crops,
+    return [torch.cat([projection_matrix(dim, cfg.n_projections(level), seed=cfg.seed, level=level, n_crops=n_crops,
                                          position=k, rep=r)
                        for r in range(cfg.reps(level))], 1) for k in range(n_crops)]
 
@@ -794,7 +794,7 @@ def timing_record(*, seconds: float, cpu_seconds: float, test_seconds: float, im
             "peak_cuda_mb": peak / 2 ** 20}
 
 
-def run_unit(data: CategoryData, level: int, n_crops: int, cfg: SinbadConfig, extractor, device=None, *,
+def run_unit(data: CategoryData, level: int, *, n_crops: int, cfg: SinbadConfig, extractor, device=None,
              logger=None) -> dict:
     """Fit and score one (level, crop count): per-position scores test (R, K, N_test), val (R, K, N_val)."""
     return run_units(data, [level], n_crops, cfg, extractor, device=device, logger=logger)[level]

@@ -154,7 +154,7 @@ def test_benchmark_spro_from_maps_and_official_mode(tmp_path):
     for i, s in enumerate(data.test):
         for p in s.mask_paths:
             maps[i] += (np.asarray(Image.open(p)) > 0)
-    save_anomaly_maps("glass", "breakfast_box", data.test, maps, scores)
+    save_anomaly_maps("glass", "breakfast_box", data.test, maps=maps, score_dir=scores)
     groups = {g: np.array([s.label for s in samp], float) * 0 for g, samp in data.score_groups().items()}
     save_group_scores(data, "glass", groups, scores)  # all tied: AUROC 0.5 from the image scores
     _bench(root, scores, tmp_path / "out", "--methods", "glass")
@@ -218,7 +218,7 @@ def test_benchmark_mvtec_ad_layout_pixel_metrics(tmp_path):
     gts = np.stack([np.zeros((SIZE, SIZE), bool) if not s.mask_paths else np.asarray(Image.open(s.mask_paths[0])) > 0
                     for s in data.test])
     maps = (rng.random(gts.shape) + gts * 0.7).astype(np.float32)
-    save_anomaly_maps("patchcore", "widget", data.test, maps, tmp_path / "scores")
+    save_anomaly_maps("patchcore", "widget", data.test, maps=maps, score_dir=tmp_path / "scores")
     save_group_scores(data, "patchcore", {"test": maps.reshape(len(maps), -1).max(1)}, tmp_path / "scores")
     benchmark_performance.main(["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--score-dir",
                                 str(tmp_path / "scores"), "--out-dir", str(tmp_path / "out"), "--no-figures",
@@ -401,8 +401,8 @@ def test_benchmark_refuses_unreadable_or_wrong_size_maps(tmp_path, capsys):
     root = make_loco(tmp_path / "data")
     data = read_category("mvtec_loco", "breakfast_box", root)
     scores = tmp_path / "scores"
-    save_anomaly_maps("glass", "breakfast_box", data.test, np.random.default_rng(0).random((len(data.test), SIZE, SIZE)),
-                      scores)
+    save_anomaly_maps("glass", "breakfast_box", data.test, maps=np.random.default_rng(0).random((len(data.test), SIZE, SIZE)),
+                      score_dir=scores)
     _write_branch(data, "glass", scores, np.random.default_rng(1), 1.0)
     from evaluation.score_files import anomaly_map_path
 

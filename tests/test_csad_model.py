@@ -78,7 +78,7 @@ def loaded(run, lite0_weights):
 def _files(data, method, score_dir):
     from evaluation.score_files import load_scores
 
-    return {g: load_scores(CAT, method, g, s, score_dir) for g, s in data.score_groups().items()}
+    return {g: load_scores(CAT, method, g, samples=s, score_dir=score_dir) for g, s in data.score_groups().items()}
 
 
 def test_fused_score_is_the_benchmark_fusion_of_the_score_files(run, loaded):

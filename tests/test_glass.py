@@ -214,7 +214,7 @@ def test_end_to_end_ranks_structural_anomalies_and_reloads_checkpoint(synthetic_
     (res,) = glass.main(common)
     data = read_category("synthetic_loco", "synth_box", synthetic_root)
     groups = data.score_groups()
-    struc = load_scores("synth_box", "glass", "struc", groups["struc"], tmp_path / "s")
+    struc = load_scores("synth_box", "glass", "struc", samples=groups["struc"], score_dir=tmp_path / "s")
     auc = image_auroc(struc, [s.label for s in groups["struc"]])
     assert auc > 0.75, auc  # measured 0.906 (manifold, --fast) with the DTD subset, 0.812 with generated textures
     assert res["metrics"]["image_auroc_struc"] == pytest.approx(auc)
@@ -229,6 +229,6 @@ def test_end_to_end_ranks_structural_anomalies_and_reloads_checkpoint(synthetic_
     assert len(log) == 20 and all(np.isfinite(e["loss"]) for e in log)
     # test-only run from the checkpoint gives the same scores, bit for bit
     (res2,) = glass.main(common + ["--checkpoint", str(ckpt), "--score-dir", str(tmp_path / "s2")])
-    assert np.array_equal(load_scores("synth_box", "glass", "struc", groups["struc"], tmp_path / "s2"), struc)
+    assert np.array_equal(load_scores("synth_box", "glass", "struc", samples=groups["struc"], score_dir=tmp_path / "s2"), struc)
     with pytest.raises(SystemExit, match="--checkpoint"):  # main() exits 1 with the one-line message
         glass.main(common + ["--test-only", "--ckpt-dir", str(tmp_path / "nothing")])

@@ -105,7 +105,7 @@ def test_load_model_in_a_fresh_process_gives_the_training_run_scores(trained, ti
     pos = {s.path: i for i, s in enumerate(data.test)}
     for g, samples in data.score_groups().items():
         if g != "val":
-            saved = load_scores("synth_box", "glass", g, samples, out / "s")
+            saved = load_scores("synth_box", "glass", g, samples=samples, score_dir=out / "s")
             assert np.array_equal(saved, scores[[pos[s.path] for s in samples]]), g
     from evaluation.score_files import anomaly_map_path
 

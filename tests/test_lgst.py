@@ -210,7 +210,7 @@ def test_training_sets_teacher_statistics_and_is_reproducible():
     for _ in range(2):
         torch.manual_seed(0)
         m = tiny_model(seed=0)
-        lgst.train(m, train, val, torch.device("cpu"), seed=0)
+        lgst.train(m, train, val, device=torch.device("cpu"), seed=0)
         runs.append(m)
     raw = lgst.teacher_features(runs[0], train, torch.device("cpu"))
     a = raw.double().numpy()
@@ -227,7 +227,7 @@ def test_training_uses_the_official_teacher_stats_when_asked():
     train = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=g)  # odd N
     val = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g)
     m = tiny_model(seed=0, official_teacher_stats=True, iterations=1)
-    lgst.train(m, train, val, torch.device("cpu"), seed=3)
+    lgst.train(m, train, val, device=torch.device("cpu"), seed=3)
     raw = lgst.teacher_features(m, train, torch.device("cpu"))
     mean, std = lgst.channel_stats(raw, 2, torch.Generator().manual_seed(3))
     torch.testing.assert_close(m.teacher_mean, mean)
@@ -245,7 +245,7 @@ def test_select_on_test_restores_the_best_evaluated_iteration():
         snapshots.append({k: v.clone() for k, v in m.student.state_dict().items()})
         return next(metrics)
 
-    info = lgst.train(model, train, train[:2], torch.device("cpu"), seed=0, evaluate=evaluate)
+    info = lgst.train(model, train, train[:2], device=torch.device("cpu"), seed=0, evaluate=evaluate)
     assert info["selected"] == "test" and info["iteration"] == 2 and info["best_metric"] == 3.0
     for k, v in model.student.state_dict().items():
         torch.testing.assert_close(v, snapshots[1][k], rtol=0, atol=0)
@@ -322,7 +322,7 @@ def test_fast_run_ranks_structural_anomalies_and_writes_the_contract(fast_run, l
     out, root = fast_run
     data = read_category("synthetic_loco", "synth_box", root)
     groups = data.score_groups()
-    scores = {g: load_scores("synth_box", "LGST", g, groups[g], out / "scores") for g in ("logi", "struc", "val")}
+    scores = {g: load_scores("synth_box", "LGST", g, samples=groups[g], score_dir=out / "scores") for g in ("logi", "struc", "val")}
     labels = np.array([s.label for s in groups["struc"]])
     clear = np.array([s.stem.startswith("9") for s in groups["struc"]])
     good_scores = scores["struc"][labels == 0]
@@ -358,8 +358,8 @@ def test_checkpoint_reload_reproduces_scores(fast_run, lite0_weights):
     assert ckpt["selected"] == "final" and ckpt["iteration"] == LGSTConfig.fast().iterations
     val = lgst.load_images(data.validation, model.cfg.input_size)
     _, scores = lgst.predict(model, val, torch.device("cpu"))
-    np.testing.assert_allclose(scores.numpy(), load_scores("synth_box", "LGST", "val", data.validation,
-                                                           out / "scores"), rtol=1e-4)
+    np.testing.assert_allclose(scores.numpy(), load_scores("synth_box", "LGST", "val", samples=data.validation,
+                                                           score_dir=out / "scores"), rtol=1e-4)
 
 
 def _run_csad(args):
@@ -421,7 +421,7 @@ def test_detector_round_trip_and_predict_py_in_a_fresh_process(fast_run, lite0_w
     out, root = fast_run
     path = out / "ckpt" / "best_synth_box.pth"
     data = read_category("synthetic_loco", "synth_box", root)
-    ref = load_scores("synth_box", "LGST", "val", data.validation, out / "scores")
+    ref = load_scores("synth_box", "LGST", "val", samples=data.validation, score_dir=out / "scores")
     model, meta = load_model(path, weights=lite0_weights)
     assert isinstance(model, LGSTDetector) and meta["method"] == "LGST" and meta["category"] == "synth_box"
     pred = model.predict(ImageList(data.validation))  # the decoded PIL path, not the reader's stacks

@@ -35,8 +35,8 @@ def _scores(data, name, score_dir, weights, fast=True, seed=0, maps=False):
     save_group_scores(data, name, {g: rng.normal(size=len(s)) + np.array([x.label for x in s])
                                    for g, s in data.score_groups().items()}, score_dir)
     if maps:
-        save_anomaly_maps(name, data.category, data.test, rng.random((len(data.test), 16, 16)).astype(np.float32),
-                          score_dir)
+        save_anomaly_maps(name, data.category, data.test, maps=rng.random((len(data.test), 16, 16)).astype(np.float32),
+                          score_dir=score_dir)
     P.start_run(method="other", dataset="x", data_root=None, categories=None)  # the next writer's own record
 
 

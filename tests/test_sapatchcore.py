@@ -203,11 +203,11 @@ def test_patchcore_ranks_structural_anomalies_above_good(synth_run):
     root, out, _, _ = synth_run
     data = read_category("synthetic_loco", "synth_box", root)
     groups = data.score_groups()
-    struc = load_scores("synth_box", "patchcore", "struc", groups["struc"], out / "scores")
+    struc = load_scores("synth_box", "patchcore", "struc", samples=groups["struc"], score_dir=out / "scores")
     auc = image_auroc(struc, [s.label for s in groups["struc"]])
     assert auc >= 0.85, f"patchcore structural AUROC {auc:.3f}"
     for method in ("patchcore", "sapatchcore"):
-        val = load_scores("synth_box", method, "val", groups["val"], out / "scores")
+        val = load_scores("synth_box", method, "val", samples=groups["val"], score_dir=out / "scores")
         assert np.isfinite(val).all() and len(val) == len(data.validation)
     # maps: one float32 TIFF per test image at the original size
     import tifffile
@@ -301,7 +301,7 @@ def test_load_model_in_a_fresh_process_gives_the_score_files(synth_run):
     pos = {s.path: i for i, s in enumerate(data.test)}
     for g, samples in data.score_groups().items():
         if g != "val":
-            saved = load_scores("synth_box", "sapatchcore", g, samples, out / "scores")
+            saved = load_scores("synth_box", "sapatchcore", g, samples=samples, score_dir=out / "scores")
             assert np.array_equal(saved, scores[[pos[s.path] for s in samples]]), g
     tiff = tifffile.imread(anomaly_map_path("sapatchcore", "synth_box", data.test[-1], out / "scores"))
     assert np.array_equal(np.load(out / "fresh_map.npy"), tiff)  # 128 x 128 resize: the map is the full image

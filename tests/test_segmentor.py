@@ -527,9 +527,9 @@ def test_fast_run_separates_wrong_count_and_colour(synth_with_maps, fast_run, li
     assert res["num_classes"] == 5 and res["sup"] == 12 and res["unsup"] == 12
     data = read_category("synthetic_loco", "synth_box", synth_with_maps)
     groups = data.score_groups()
-    logi = load_scores("synth_box", "patchhist", "logi", groups["logi"], scores)  # order verified
-    load_scores("synth_box", "patchhist", "struc", groups["struc"], scores)
-    val = load_scores("synth_box", "patchhist", "val", groups["val"], scores)
+    logi = load_scores("synth_box", "patchhist", "logi", samples=groups["logi"], score_dir=scores)  # order verified
+    load_scores("synth_box", "patchhist", "struc", samples=groups["struc"], score_dir=scores)
+    val = load_scores("synth_box", "patchhist", "val", samples=groups["val"], score_dir=scores)
     assert len(list((masks / "synth_box" / "test_seg_output").glob("*.png"))) == len(data.test)
     # the validation scores are the trimmed-z sums of the saved raw validation distances (q20-q80 of 8 images
     # keeps 4, so their median is not pinned near 0)

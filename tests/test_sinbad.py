@@ -178,20 +178,20 @@ def test_synthetic_separates_logical_anomalies(synthetic_root, lite0_weights, tm
     groups = data.score_groups()
     for method in ("sinbad_L14", "sinbad_L224", "sinbad"):
         for g in ("logi", "struc", "val"):
-            s = load_scores("synth_bottle", method, g, groups[g], tmp_path)  # verifies the image order
+            s = load_scores("synth_bottle", method, g, samples=groups[g], score_dir=tmp_path)  # verifies the image order
             assert np.isfinite(s).all() and s.min() > 0
-    logi = load_scores("synth_bottle", "sinbad", "logi", groups["logi"], tmp_path)
+    logi = load_scores("synth_bottle", "sinbad", "logi", samples=groups["logi"], score_dir=tmp_path)
     auroc = roc_auc_score([s.label for s in groups["logi"]], logi)
     assert auroc == pytest.approx(res["sinbad"]["logi"])
     assert auroc >= 0.85, f"logical AUROC {auroc:.3f}"  # measured 0.984 (chance 0.5): fill/label colour pairs
     assert res["sinbad_L14"]["logi"] >= 0.9, res  # measured 0.984
     # validation is normal: its normalised scores average ~1 per level by construction
-    val = load_scores("synth_bottle", "sinbad_L14", "val", groups["val"], tmp_path)
+    val = load_scores("synth_bottle", "sinbad_L14", "val", samples=groups["val"], score_dir=tmp_path)
     assert val.mean() == pytest.approx(1.0, abs=1e-3)
     # the ensemble alone, from the unit files, reproduces the scores
     res2 = _run(common + ["--ensemble-only"])["synth_bottle"]
     assert res2 == res
-    np.testing.assert_array_equal(load_scores("synth_bottle", "sinbad", "logi", groups["logi"], tmp_path), logi)
+    np.testing.assert_array_equal(load_scores("synth_bottle", "sinbad", "logi", samples=groups["logi"], score_dir=tmp_path), logi)
     # the saved model (ckpt/sinbad/<dataset>/<category>.pth) re-scores every file bit for bit, without fitting
     assert (tmp_path / "ckpt" / "sinbad" / "synthetic_loco" / "synth_bottle.pth").is_file()
     assert _run(common + ["--test-only", "--score-dir", str(tmp_path / "t")])["synth_bottle"] == res
@@ -251,7 +251,7 @@ def test_official_thresholds_flag_and_mixed_units(synthetic_root, tmp_path):
     _run(base + ["--score-dir", str(tmp_path / "a")])
     _run(base + ["--score-dir", str(tmp_path / "b"), "--official-thresholds"])
     groups = read_category("synthetic_loco", "synth_box", synthetic_root).score_groups()
-    a, b = (load_scores("synth_box", "sinbad_L224", "logi", groups["logi"], tmp_path / d) for d in "ab")
+    a, b = (load_scores("synth_box", "sinbad_L224", "logi", samples=groups["logi"], score_dir=tmp_path / d) for d in "ab")
     assert not np.allclose(a, b)
     import json
     with np.load(tmp_path / "b" / "sinbad_units" / "synth_box" / "L224_c1.npz") as z:
@@ -279,7 +279,7 @@ def test_shared_backbone_pass_gives_each_levels_own_scores(synthetic_root):
     both = FeatureExtractor(bb, [DEEP_LAYERS[14], DEEP_LAYERS[7]])
     shared = run_units(data, [7, 14], 4, cfg, both, device=torch.device("cpu"))
     for lv in (7, 14):
-        alone = run_unit(data, lv, 4, cfg, FeatureExtractor(bb, [DEEP_LAYERS[lv]]), device=torch.device("cpu"))
+        alone = run_unit(data, lv, n_crops=4, cfg=cfg, extractor=FeatureExtractor(bb, [DEEP_LAYERS[lv]]), device=torch.device("cpu"))
         np.testing.assert_array_equal(shared[lv]["test"], alone["test"])
         np.testing.assert_array_equal(shared[lv]["val"], alone["val"])
         assert shared[lv]["test"].shape == (1, 4, len(data.test)) and np.ptp(alone["test"]) > 0

@@ -71,10 +71,10 @@ def test_predict_equals_the_unit_primitives_and_the_ensemble(fitted, data, backb
     for lv, c in units_for(cfg):
         ex = None if lv == PIXEL_LEVEL else FeatureExtractor(backbone, [DEEP_LAYERS[lv]])
         dim = 3 if lv == PIXEL_LEVEL else ex.feature_dims[DEEP_LAYERS[lv]]
-        proj = [torch.cat([projection_matrix(dim, cfg.n_projections(lv), cfg.seed, lv, c, position=k, rep=r)
+        proj = [torch.cat([projection_matrix(dim, cfg.n_projections(lv), seed=cfg.seed, level=lv, n_crops=c, position=k, rep=r)
                            for r in range(cfg.reps(lv))], 1) for k in range(c)]
-        tr, thr = encode(data.train, lv, c, cfg, ex, device=cpu, projections=proj)
-        va, te = (encode(s, lv, c, cfg, ex, device=cpu, projections=proj, thresholds=thr)[0]
+        tr, thr = encode(data.train, lv, n_crops=c, cfg=cfg, extractor=ex, device=cpu, projections=proj)
+        va, te = (encode(s, lv, n_crops=c, cfg=cfg, extractor=ex, device=cpu, projections=proj, thresholds=thr)[0]
                   for s in (data.validation, data.test))
         dd = cfg.n_projections(lv) * cfg.quantiles
         t, v = np.zeros((cfg.reps(lv), c, len(te))), np.zeros((cfg.reps(lv), c, len(va)))

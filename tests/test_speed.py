@@ -23,17 +23,17 @@ def test_time_fn_measures_a_known_sleep():
         calls.append(1)
         time.sleep(0.03)
 
-    t = speed.time_fn(fn, CPU, warmup=2, runs=5)
+    t = speed.time_fn(fn, device=CPU, warmup=2, runs=5)
     assert len(calls) == 7 and t["warmup"] == 2 and t["runs"] == 5
     assert 29.5 <= t["median_ms"] <= 45.0  # sleep never returns early; a loaded machine adds a little
     assert t["median_ms"] <= t["p95_ms"] + 1e-9 and 29.5 <= t["mean_ms"] <= 60.0
 
 
 def test_time_fn_budget_cuts_runs_but_keeps_one():
-    t = speed.time_fn(lambda: time.sleep(0.03), CPU, warmup=10, runs=100, budget_s=0.05)
+    t = speed.time_fn(lambda: time.sleep(0.03), device=CPU, warmup=10, runs=100, budget_s=0.05)
     # warm-up stops once it took budget/4 = 12.5 ms (after one call); timing once it took 50 ms (two calls)
     assert t["warmup"] == 1 and t["runs"] == 2
-    t = speed.time_fn(lambda: time.sleep(0.02), CPU, warmup=0, runs=3, budget_s=0.001)
+    t = speed.time_fn(lambda: time.sleep(0.02), device=CPU, warmup=0, runs=3, budget_s=0.001)
     assert t["warmup"] == 0 and t["runs"] == 1
 
 
@@ -160,7 +160,7 @@ def test_official_csad_timing_row(tmp_path):
     assert row["best_batch"] == 8 and row["train_s"] == "" and row["runs"] >= 1
     assert row["throughput_img_s"] * row["latency_ms"] == pytest.approx(1000.0)
     assert "8.9 ms/img" in row["anchor"] and "no per-call synchronisation" in row["stages"]
-    t = speed.time_fn(lambda: time.sleep(0.01), CPU, warmup=0, runs=2, sync_each=False)
+    t = speed.time_fn(lambda: time.sleep(0.01), device=CPU, warmup=0, runs=2, sync_each=False)
     assert t["runs"] == 2 and t["median_ms"] >= 9.5
 
 

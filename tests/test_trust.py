@@ -215,8 +215,8 @@ def test_16bit_dataset_scores_like_8bit(tiny_root, tmp_path):
     groups = read_category("synthetic_loco", "synth_box", root).score_groups()
     groups8 = read_category("synthetic_loco", "synth_box", tiny_root).score_groups()
     for g in ("logi", "struc"):
-        a = load_scores("synth_box", "mean_image", g, groups8[g], tmp_path / "s8")
-        b = load_scores("synth_box", "mean_image", g, groups[g], tmp_path / "s16")
+        a = load_scores("synth_box", "mean_image", g, samples=groups8[g], score_dir=tmp_path / "s8")
+        b = load_scores("synth_box", "mean_image", g, samples=groups[g], score_dir=tmp_path / "s16")
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 

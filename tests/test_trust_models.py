@@ -338,8 +338,8 @@ def test_glass_scores_identical_for_any_workers(glass_run, tiny_root):
     out, _ = glass_run
     groups = read_category("synthetic_loco", "synth_box", tiny_root).score_groups()
     for g in ("logi", "struc", "val"):
-        s0 = load_scores("synth_box", "glass", g, groups[g], out / "s0")
-        s1 = load_scores("synth_box", "glass", g, groups[g], out / "s1")
+        s0 = load_scores("synth_box", "glass", g, samples=groups[g], score_dir=out / "s0")
+        s1 = load_scores("synth_box", "glass", g, samples=groups[g], score_dir=out / "s1")
         assert np.array_equal(s0, s1) and np.ptp(s0) > 0
 
 
@@ -390,7 +390,7 @@ def test_sinbad_refuses_nan_features(tiny_root, lite0_weights):
     cfg = SinbadConfig.fast_config(canvas=64, set_res=32, projections=4, batch_size=8)
     extractor = FeatureExtractor(_poisoned(lite0_weights, "nan"), [DEEP_LAYERS[14]])
     with pytest.raises(NonFiniteError) as exc:
-        run_unit(data, 14, 1, cfg, extractor, torch.device("cpu"))
+        run_unit(data, 14, n_crops=1, cfg=cfg, extractor=extractor, device=torch.device("cpu"))
     assert Path(lite0_weights).name in str(exc.value) and "corrupt" in str(exc.value)
 
 
@@ -402,7 +402,7 @@ def test_lgst_nan_teacher_names_the_weights_and_a_nan_loss_says_diverged(lite0_w
     cfg = lgst.LGSTConfig(input_size=64, channels=16, student_width=8, ae_base=16, iterations=2, eval_freq=2)
     model = lgst.build_model(_poisoned(lite0_weights, "nan"), cfg, 0)
     with pytest.raises(NonFiniteError) as exc:
-        lgst.train(model, train, train[:2], torch.device("cpu"), seed=0)
+        lgst.train(model, train, train[:2], device=torch.device("cpu"), seed=0)
     msg = str(exc.value)
     assert "teacher features" in msg and Path(lite0_weights).name in msg and "lower --lr" not in msg
     # finite teacher, absurd learning rate: the message says the training diverged, not the data
@@ -411,7 +411,7 @@ def test_lgst_nan_teacher_names_the_weights_and_a_nan_loss_says_diverged(lite0_w
     model = lgst.build_model(load_backbone(LITE0, lite0_weights), lgst.LGSTConfig(
         input_size=64, channels=16, student_width=8, ae_base=16, iterations=5, eval_freq=5, lr=1e30), 0)
     with pytest.raises(NonFiniteError, match=r"diverged.*lower --lr \(now 1e\+30\)"):
-        lgst.train(model, train, train[:2], torch.device("cpu"), seed=0)
+        lgst.train(model, train, train[:2], device=torch.device("cpu"), seed=0)
 
 
 def test_patch_histogram_params_refuse_nan_truncated_and_foreign(tmp_path):

@@ -373,8 +373,8 @@ def fit_quantiles(model: LGSTModel, val_images: torch.Tensor, device, batch_size
     model.quantiles.copy_(torch.stack(q))
 
 
-def train(model: LGSTModel, train_images: torch.Tensor, val_images: torch.Tensor, device, seed: int = 0,
-          penalty: list[Sample] | None = None, *, workers: int = 0,
+def train(model: LGSTModel, train_images: torch.Tensor, val_images: torch.Tensor, *, device, seed: int = 0,
+          penalty: list[Sample] | None = None, workers: int = 0,
           evaluate: Callable[[LGSTModel], float] | None = None, batch_size_infer: int = 16) -> dict:
     """Train the students. Returns {"iteration", "selected": "final"|"test", "best_metric", "history"}.
     (`penalty` stays positional: benchmarks/speed.py passes it so.)
@@ -544,8 +544,8 @@ class LGSTDetector(AnomalyModel):
         s = self.cfg.input_size
         train_x = as_stack(train, s, "train images")
         val_x = as_stack(validation, s, "validation images")
-        self.info = train_students(self.model, train_x, val_x, self.device, seed, penalty=penalty, workers=workers,
-                                   evaluate=evaluate, batch_size_infer=self.batch_size)
+        self.info = train_students(self.model, train_x, val_x, device=self.device, seed=seed, penalty=penalty,
+                                   workers=workers, evaluate=evaluate, batch_size_infer=self.batch_size)
         self.seed = seed
         self.val_scores = self.predict_stack(val_x, desc="validation", dtype="fp32")[1].numpy()
         return self
@@ -701,7 +701,7 @@ def run_category(data, backbone: nn.Module, cfg: LGSTConfig, device, *, seed: in
         paths = save_group_scores(data, METHOD, groups, score_dir)
         log.info("%s: score files %s", data.category, ", ".join(p.name for p in paths))
         if save_maps:
-            save_anomaly_maps(METHOD, data.category, data.test, maps.numpy(), score_dir)
+            save_anomaly_maps(METHOD, data.category, data.test, maps=maps.numpy(), score_dir=score_dir)
             log.info("%s: %d anomaly maps under %s/anomaly_maps/%s/%s", data.category, len(data.test), score_dir,
                      METHOD, data.category)
     aurocs = group_aurocs(scores.numpy(), data)
