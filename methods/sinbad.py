@@ -220,8 +220,7 @@ def set_descriptor(elements: torch.Tensor, proj: torch.Tensor, thresholds: torch
 def projection_matrix(dim: int, n_proj: int, *, seed: int, level: int, n_crops: int, position: int, rep: int
                       ) -> torch.Tensor:
     """Unnormalised Gaussian directions (dim, n_proj), seeded per (level, crop count, position, repeat) from a CPU
-    generator, so a checkpoint regenerates them instead of storing them. Positional signature kept for
-    benchmarks/speed.py."""
+    generator, so a checkpoint regenerates them instead of storing them."""
     state = np.random.SeedSequence([seed, level, n_crops, position, rep]).generate_state(1)[0]
     g = torch.Generator().manual_seed(int(state))
     return torch.randn(dim, n_proj, generator=g)
@@ -355,8 +354,7 @@ def unit_crops(level: int, n_crops: int, cfg: SinbadConfig) -> tuple[int, list[t
 def describe_canvases(canvases: torch.Tensor, level: int, *, n_crops: int, cfg: SinbadConfig, extractor,
                       projections: list[torch.Tensor], thresholds: list[torch.Tensor | None]) -> torch.Tensor:
     """Canvases (B, 3, canvas, canvas) on the device -> descriptors (B, K, R*P*Q) on the CPU. `thresholds` is
-    updated in place where an entry is None (fitted on this batch). Positional signature kept for
-    benchmarks/speed.py."""
+    updated in place where an entry is None (fitted on this batch)."""
     return describe_levels(canvases, [level], n_crops, cfg, extractor, projections={level: projections},
                            thresholds={level: thresholds})[level]
 

@@ -377,7 +377,6 @@ def train(model: LGSTModel, train_images: torch.Tensor, val_images: torch.Tensor
           penalty: list[Sample] | None = None, workers: int = 0,
           evaluate: Callable[[LGSTModel], float] | None = None, batch_size_infer: int = 16) -> dict:
     """Train the students. Returns {"iteration", "selected": "final"|"test", "best_metric", "history"}.
-    (`penalty` stays positional: benchmarks/speed.py passes it so.)
 
     evaluate: if given (official --select-on-test), called every eval_freq iterations after refreshing the
     validation quantiles; the state with the highest value is restored at the end.
